@@ -1,0 +1,145 @@
+"""The two functions transformers calls: the mask function (once per forward) and the
+attention function (once per layer). From here on a call is plain data: a ``Layout``
+(where the real tokens are), an ``AttentionCall`` (what the kernel must support), a
+``Decision`` (which backend, and why not the others).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from autoflash import dispatch
+from autoflash.backends import BY_NAME
+from autoflash.backends._common import allowed_keys
+from autoflash.call import AttentionCall, capability_of
+from autoflash.layout import CONTIGUOUS_FROM_START, QUERY_END, plan_for
+from autoflash.settings import logger
+
+# The name autoflash registers under. It must not contain "flash": transformers treats
+# any such name as its own flash-attention and tries to load it as a kernel.
+ATTENTION_NAME = "autoattn"
+
+_TAGS = (QUERY_END, CONTIGUOUS_FROM_START)
+
+
+def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, cache_position=None, **kwargs):
+    """Registered with transformers' AttentionMaskInterface; returns a 2-D key-padding mask or None.
+
+    Never a 4-D mask: the attention function derives unpad indices, sequence boundaries
+    and cache ranges from this once per forward. ``mask_function`` (transformers' own
+    description of causality and packing) is not needed: causality is the kernels' flag
+    and packing is read from position ids.
+    """
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            return attention_mask
+        width = attention_mask.shape[1]
+        if width < kv_length:
+            # a static cache: K/V span max_cache_len, the mask only the tokens seen so far
+            mask = torch.nn.functional.pad(attention_mask.to(torch.bool), (0, kv_length - width), value=False)
+            setattr(mask, QUERY_END, width)
+            return mask
+        mask = attention_mask[:, width - kv_length:]  # a fresh object per forward, same storage
+        for tag in _TAGS:
+            if hasattr(attention_mask, tag):
+                setattr(mask, tag, getattr(attention_mask, tag))
+        return mask
+    if kv_length == q_length:
+        return None
+    # transformers < 5 passes cache_position; later releases the query offset
+    fill = cache_position[-1] + 1 if cache_position is not None else q_offset + q_length
+    if isinstance(fill, int) and fill == kv_length:
+        return None
+    fill = torch.as_tensor(fill)
+    mask = (torch.arange(kv_length, device=fill.device) < fill).expand(batch_size, kv_length).contiguous()
+    setattr(mask, QUERY_END, fill)
+    setattr(mask, CONTIGUOUS_FROM_START, True)
+    return mask
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
+    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return _custom_mask(query, key, value, attention_mask, dropout, scaling)
+
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = key.shape[1], key.shape[2]
+    in_dtype = query.dtype
+    query, key, value = _to_kernel_dtype(query, key, value)
+    layout = plan_for(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
+                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    call = AttentionCall(
+        kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
+        dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
+        needs_grad=torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
+        left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
+    )
+    decision = dispatch.choose(call)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    out = BY_NAME[decision.backend].run(query, key, value, layout, call, scale)
+    return out.to(in_dtype), None
+
+
+def _to_kernel_dtype(query, key, value):
+    """float32 activations on a GPU run flash in the autocast dtype, as transformers' own flash path does.
+
+    Without autocast they stay float32 and dispatch falls back to SDPA: casting a float32
+    model's activations down silently would change its numerics.
+    """
+    if query.dtype != torch.float32 or query.device.type != "cuda":
+        return query, key, value
+    try:
+        enabled, target = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    except TypeError:  # torch < 2.4 has only the CUDA-specific spellings
+        enabled, target = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    if not enabled:
+        return query, key, value
+    return query.to(target), key.to(target), value.to(target)
+
+
+_notified = set()
+
+
+def _once(key: str, message: str) -> None:
+    if key not in _notified:
+        _notified.add(key)
+        logger.warning(message)
+
+
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """output_attentions needs the probabilities, which no flash kernel returns: run eager for this call."""
+    _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
+                     "return no attention weights)")
+    batch, _, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    layout = plan_for(attention_mask if attention_mask is None or attention_mask.dim() == 2 else None,
+                      kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
+                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+    call = AttentionCall(layout.kind, query.device.type, None, query.dtype, head_dim, query.shape[1], key.shape[1],
+                         q_len, kv_len, float(dropout), bool(getattr(module, "is_causal", True)), False)
+    allowed = allowed_keys(layout, call, query.device)
+    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids")}
+    return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _custom_mask(query, key, value, attention_mask, dropout, scaling):
+    """A 4-D mask the caller built: honour it as given, through SDPA."""
+    _once("4d", "autoflash: a custom 4-D attention mask was passed; those calls run on SDPA with that mask")
+    mask = attention_mask[:, :, :, : key.shape[2]]
+    groups = query.shape[1] // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,102 @@
+"""Checks and tensor helpers that more than one backend needs."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from autoflash.call import AttentionCall
+from autoflash.layout import Layout
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_hardware_reasons(call: AttentionCall, max_head_dim: int = 256) -> List[str]:
+    """What every flash kernel (flash-attn's and torch's own) requires of the device and the data."""
+    reasons = []
+    if call.device_type != "cuda":
+        reasons.append(f"device={call.device_type} (supported: cuda)")
+    elif call.capability is not None and call.capability < (8, 0):
+        reasons.append(f"compute capability {call.capability[0]}.{call.capability[1]} (needs >= 8.0)")
+    if call.dtype not in HALF_DTYPES:
+        reasons.append(f"dtype={str(call.dtype).replace('torch.', '')} (supported: float16, bfloat16; "
+                       "float32 models run flash under torch.autocast)")
+    if call.head_dim > max_head_dim or call.head_dim % 8:
+        reasons.append(f"head_dim={call.head_dim} (supported: multiple of 8, <= {max_head_dim})")
+    if call.num_heads % call.num_kv_heads:
+        reasons.append(f"heads={call.num_heads}/{call.num_kv_heads} (supported: query heads a multiple of kv heads)")
+    return reasons
+
+
+def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
+    """(batch, 1, q_len, kv_len) bool: which key each query may attend to, for kernels that take a dense mask.
+
+    Rows with no allowed key (padded queries) are opened to every key so that softmax stays
+    finite; their outputs are zeroed afterwards by ``zero_padded_queries``.
+    """
+    q_len, kv_len = call.q_len, call.kv_len
+    q_pos = torch.arange(q_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    if layout.kind == "cache":
+        end = (layout.cache_seqlens if layout.cache_seqlens is not None
+               else torch.full((layout.batch,), kv_len, device=device)).long()
+        last_key = end[:, None] - q_len + q_pos[None, :]  # bottom-right aligned causal
+        allowed = k_pos[None, None, :] <= last_key[:, :, None] if call.causal else \
+            (k_pos[None, None, :] < end[:, None, None]).expand(-1, q_len, -1)
+        if layout.key_mask is not None:
+            allowed = allowed & layout.key_mask[:, None, :]
+    elif layout.kind == "varlen":
+        seg = layout.segment_ids
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        if call.causal:
+            allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+    else:
+        allowed = torch.ones(layout.batch, q_len, kv_len, dtype=torch.bool, device=device)
+        if call.causal:
+            allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+    empty = ~allowed.any(-1, keepdim=True)
+    return (allowed | empty).unsqueeze(1)
+
+
+def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
+    """(batch, q_len) bool, or None where every query is a real token."""
+    if layout.kind == "varlen":
+        return layout.segment_ids >= 0
+    if layout.kind == "cache" and layout.cache_leftpad is not None:
+        end = layout.cache_seqlens.long()
+        q_pos = end[:, None] - call.q_len + torch.arange(call.q_len, device=device)[None, :]
+        return q_pos >= layout.cache_leftpad.long()[:, None]
+    return None
+
+
+def zero_padded_queries(out: torch.Tensor, layout: Layout, call: AttentionCall) -> torch.Tensor:
+    """out (batch, q_len, heads, dim): padded query positions set to zero, as the varlen path leaves them."""
+    real = query_is_real(layout, call, out.device)
+    if real is None:
+        return out
+    return out * real[:, :, None, None].to(out.dtype)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, len, dim) -> (batch, kv_heads*groups, len, dim): only for kernels that cannot do GQA."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def fold_gqa_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(batch, heads, 1, dim) -> (batch, kv_heads, groups, dim).
+
+    For a one-token decode step the query heads that share a KV head become rows of one
+    attention problem against that head, so no kernel ever sees repeated K/V.
+    """
+    b, h, one, d = q.shape
+    return q.reshape(b, num_kv_heads, (h // num_kv_heads) * one, d)
+
+
+def unfold_gqa_output(out: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(batch, kv_heads, groups, dim) -> (batch, 1, heads, dim)."""
+    b, _, _, d = out.shape
+    return out.reshape(b, num_heads, 1, d).transpose(1, 2)

@@ -1,0 +1,83 @@
+"""The varlen contract, computed one sequence at a time: the executable specification.
+
+Not a backend dispatch ever picks: tests select it (``autoflash.dispatch.forced``) to
+run the whole unpad -> varlen -> pad path on a CPU, and to check that the layouts the
+fast kernels receive (``cu_seqlens``, the cache's ``[leftpad, seqlen)`` ranges) describe
+the same attention as transformers' eager implementation.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from autoflash.backends._common import repeat_kv
+from autoflash.call import AttentionCall
+from autoflash.layout import Layout, pad, unpad
+
+
+def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: bool) -> torch.Tensor:
+    """q (total_q, heads, dim), k/v (total_k, kv_heads, dim) -> (total_q, heads, dim).
+
+    Sequence i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]]; causal masks are
+    aligned bottom-right (the last query sees the last key), as in flash-attn >= 2.1.
+    """
+    groups = q.shape[1] // k.shape[1]
+    out = q.new_zeros(q.shape)
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        if q1 == q0:
+            continue
+        qi = q[q0:q1].transpose(0, 1).unsqueeze(0)
+        ki = repeat_kv(k[k0:k1].transpose(0, 1).unsqueeze(0), groups)
+        vi = repeat_kv(v[k0:k1].transpose(0, 1).unsqueeze(0), groups)
+        mask = None
+        if causal:
+            nq, nk = q1 - q0, k1 - k0
+            mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            mask = mask.to(q.device)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[q0:q1] = oi.squeeze(0).transpose(0, 1)
+    return out
+
+
+class _Reference:
+    name = "reference"
+
+    def unavailable_reasons(self) -> List[str]:
+        return []
+
+    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
+        reasons = [f"dropout={call.dropout} (supported: 0)"] if call.dropout else []
+        if not call.cache_keys_contiguous:
+            reasons.append("cached key mask with holes (supported: left padding only)")
+        return reasons
+
+    def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
+        b = layout.batch
+        if layout.kind == "varlen":
+            return pad(varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout.cu_seqlens,
+                                        layout.cu_seqlens, scale, call.causal), layout)
+        if layout.kind == "dense":
+            cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * call.q_len
+            out = varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), cu, cu, scale, call.causal)
+            return out.view(b, call.q_len, call.num_heads, call.head_dim)
+        # cache: row r's keys are [leftpad, seqlen); its queries are the last q_len positions before seqlen
+        ends = layout.cache_seqlens.tolist()
+        starts = layout.cache_leftpad.tolist() if layout.cache_leftpad is not None else [0] * b
+        out = q.new_zeros(b, call.q_len, call.num_heads, call.head_dim)
+        for r in range(b):
+            first_real_q = max(0, starts[r] - (ends[r] - call.q_len))  # queries inside the left padding stay zero
+            qr = q[r:r + 1, :, first_real_q:].transpose(1, 2)[0]
+            kr = k[r:r + 1, :, starts[r]:ends[r]].transpose(1, 2)[0]
+            vr = v[r:r + 1, :, starts[r]:ends[r]].transpose(1, 2)[0]
+            cu_q = torch.tensor([0, qr.shape[0]], dtype=torch.int32)
+            cu_k = torch.tensor([0, kr.shape[0]], dtype=torch.int32)
+            out[r, first_real_q:] = varlen_reference(qr, kr, vr, cu_q, cu_k, scale, call.causal)
+        return out
+
+
+REFERENCE = _Reference()

@@ -1,0 +1,104 @@
+"""PyTorch's own flash kernels: no extra install, nearly flash-attn's speed on Ampere and newer.
+
+- padded/packed batches: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9). Its
+  public function gained ``enable_gqa`` only in later releases; where it is missing, the
+  custom op behind it (``torch.ops.torch_attn._varlen_attn``) is called directly, since
+  the FlashAttention-2 kernel it wraps serves fewer KV heads natively. Only if neither
+  exists are K/V heads repeated.
+- batches without padding: SDPA restricted to its flash backend, with ``enable_gqa``.
+- one-token decode steps: SDPA (flash backend, or the memory-efficient one where a
+  key-padding mask is needed) on queries folded per KV head, so K/V are never repeated.
+
+cuDNN attention is left out on purpose: it builds a graph per new shape (50-60 ms each on
+an H100), which every new batch length or decode step would pay.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from autoflash.backends._common import (flash_hardware_reasons, fold_gqa_queries, repeat_kv,
+                                        unfold_gqa_output)
+from autoflash.call import AttentionCall
+from autoflash.layout import Layout, pad, unpad
+
+
+class _TorchBuiltin:
+    name = "torch"
+
+    @functools.cached_property
+    def _varlen(self):
+        """(function, how GQA is served): 'enable_gqa' | 'op' | 'repeat'; None when torch has no varlen kernel."""
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except Exception:  # noqa: BLE001
+            return None
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            return varlen_attn, "enable_gqa"
+        op = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+        if op is not None:
+            return op, "op"
+        return varlen_attn, "repeat"
+
+    def unavailable_reasons(self) -> List[str]:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+        except Exception:  # noqa: BLE001
+            return [f"torch=={torch.__version__} has no torch.nn.attention.sdpa_kernel (needs >= 2.3)"]
+        return []
+
+    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
+        reasons = self.unavailable_reasons() + flash_hardware_reasons(call)
+        if call.kind == "varlen":
+            if self._varlen is None:
+                reasons.append(f"padded or packed batch with torch=={torch.__version__} "
+                               "(torch.nn.attention.varlen needs >= 2.9)")
+            if call.dropout:
+                reasons.append(f"dropout={call.dropout} on a padded or packed batch (varlen_attn has no dropout)")
+        if call.kind == "cache":
+            if call.q_len != 1:
+                reasons.append(f"q_len={call.q_len} against a kv cache (supported: 1; SDPA's flash causal mask "
+                               "is top-left aligned)")
+            if call.needs_grad:
+                reasons.append("kv-cache call with gradients (supported: inference)")
+        return reasons
+
+    def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if layout.kind == "dense":
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout, is_causal=call.causal,
+                                                     scale=scale, enable_gqa=call.gqa_ratio > 1)
+            return out.transpose(1, 2)
+        if layout.kind == "varlen":
+            return pad(self._run_varlen(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout, call, scale),
+                       layout)
+        q_folded = fold_gqa_queries(q, call.num_kv_heads)
+        mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :]
+        backends = [SDPBackend.EFFICIENT_ATTENTION] if mask is not None else [SDPBackend.FLASH_ATTENTION,
+                                                                               SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, scale=scale)
+        return unfold_gqa_output(out, call.num_heads)
+
+    def _run_varlen(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
+        fn, gqa = self._varlen
+        cu, n = layout.cu_seqlens, layout.max_seqlen
+        if gqa == "op":
+            out = fn(q, k, v, cu, cu, n, n, call.causal, scale)
+            return out[0] if isinstance(out, (tuple, list)) else out
+        window = (-1, 0) if call.causal else (-1, -1)
+        if gqa == "enable_gqa":
+            return fn(q, k, v, cu, cu, n, n, scale=scale, window_size=window, enable_gqa=call.gqa_ratio > 1)
+        groups = call.gqa_ratio
+        k, v = (repeat_kv(x.transpose(0, 1).unsqueeze(0), groups).squeeze(0).transpose(0, 1) for x in (k, v))
+        return fn(q, k, v, cu, cu, n, n, scale=scale, window_size=window)
+
+
+TORCH = _TorchBuiltin()

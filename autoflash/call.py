@@ -1,0 +1,51 @@
+"""The record that describes one attention call: what dispatch and backends decide on."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """Everything a backend needs to say whether it can serve a call, and nothing it must compute."""
+
+    kind: str  # layout kind: "dense" | "varlen" | "cache"
+    device_type: str
+    capability: Optional[Tuple[int, int]]  # CUDA compute capability, None off CUDA
+    dtype: torch.dtype  # the dtype the kernel would run in (after autocast)
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    dropout: float
+    causal: bool
+    needs_grad: bool
+    left_padded_cache: bool = False
+    cache_keys_contiguous: bool = True
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def describe(self) -> str:
+        return (f"{self.kind} q_len={self.q_len} kv_len={self.kv_len} heads={self.num_heads}/{self.num_kv_heads} "
+                f"head_dim={self.head_dim} dtype={str(self.dtype).replace('torch.', '')} device={self.device_type}"
+                + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
+                + (f" dropout={self.dropout}" if self.dropout else "")
+                + (" grad" if self.needs_grad else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability_of(device: torch.device) -> Optional[Tuple[int, int]]:
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,109 @@
+"""Which modules autoflash watches, and what happens when each is imported.
+
+``_startup`` calls ``register_import_hooks`` on the first ``import transformers``; from
+then on wrapt calls ``on_import`` right after the LLaMA module has executed, however it
+was reached (``import``, transformers' lazy module, ``AutoModelForCausalLM``). A patch
+that fails is logged as one warning and undone; the user's import always succeeds.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Dict
+
+from autoflash.settings import logger, settings
+
+WATCHED_MODULES = ("transformers.models.llama.modeling_llama",)
+
+_lock = threading.RLock()  # re-entrant: a patch may import modules that fire other hooks
+_applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch
+_state = {"hooks_registered": False, "user_disabled": False, "last_error": None}
+
+
+def register_import_hooks() -> None:
+    """Register wrapt post-import hooks (idempotent). Already-imported modules are patched at once."""
+    with _lock:
+        if _state["hooks_registered"]:
+            return
+        import wrapt
+
+        for name in WATCHED_MODULES:
+            wrapt.register_post_import_hook(on_import, name)
+        _state["hooks_registered"] = True
+
+
+def on_import(module) -> None:
+    """The wrapt hook. Runs inside the user's import statement: nothing may escape."""
+    try:
+        apply(module)
+    except BaseException as exc:  # noqa: BLE001
+        _state["last_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            logger.warning("autoflash could not patch %s (%s); the model runs unpatched. Please report this with "
+                           "the output of `autoflash doctor`.", getattr(module, "__name__", module),
+                           _state["last_error"])
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+def apply(module) -> bool:
+    """Patch one watched module once. Returns whether it is patched now."""
+    with _lock:
+        name = module.__name__
+        if name in _applied:
+            return True
+        if settings().disabled or _state["user_disabled"]:
+            return False
+        from autoflash import patches  # imports torch: only now that transformers' LLaMA code is loading
+
+        era = patches.select(module)
+        if era is None:
+            _warn_unknown_version(module)
+            return False
+        _applied[name] = era.apply(module)
+        _state["last_error"] = None
+        logger.info("autoflash patched %s (%s era)", name, era.ERA)
+        return True
+
+
+def _warn_unknown_version(module) -> None:
+    from autoflash import patches
+
+    version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
+    _state["last_error"] = f"transformers {version} not recognised: {patches.why_unsupported(module)}"
+    logger.warning("autoflash does not recognise transformers %s (%s); %s runs unpatched. Please report it "
+                   "with the output of `autoflash doctor`.", version, patches.why_unsupported(module), module.__name__)
+
+
+def enable() -> bool:
+    """Patch now where the watched modules are imported, and on their import otherwise."""
+    with _lock:
+        if settings().disabled:
+            logger.info("autoflash.enable() ignored: AUTOFLASH_DISABLE is set")
+            return False
+        _state["user_disabled"] = False
+        register_import_hooks()
+        for name in WATCHED_MODULES:
+            module = sys.modules.get(name)
+            if module is not None:
+                on_import(module)
+        return bool(_applied)
+
+
+def disable() -> None:
+    """Undo every patch, restoring the original objects; watched modules imported later stay unpatched."""
+    with _lock:
+        _state["user_disabled"] = True
+        for name in list(_applied):
+            _applied.pop(name).undo()
+
+
+def patched_modules():
+    with _lock:
+        return sorted(_applied)
+
+
+def state() -> dict:
+    with _lock:
+        return dict(_state, patched=sorted(_applied), eras={n: p.era for n, p in _applied.items()})

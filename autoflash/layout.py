@@ -1,0 +1,203 @@
+"""Where the real tokens of one forward pass are: unpad / pad / cu_seqlens, computed once per forward.
+
+transformers calls the attention function once per layer with the same mask and
+position ids. Everything derived from them (indices of real tokens, sequence
+boundaries, their lengths) is computed by the first layer and reused by the others:
+``plan_for`` keeps the last plan per thread, keyed on the identity and version of
+those tensors, so the cost is one small computation and at most one host-device
+synchronisation per forward, whatever the depth of the model.
+
+Three kinds of layout:
+
+``dense``   every query is a real token of one sequence per row and no cache precedes
+            it: the kernels run on the padded tensors as they are, no unpad work.
+``varlen``  padding (any pattern) and/or packed sequences (position ids that restart)
+            and no cache: queries, keys and values are unpadded to the real tokens,
+            ``cu_seqlens`` mark the sequences, outputs are padded back.
+``cache``   keys come from a KV cache longer than the query: each row's valid keys are
+            one contiguous range ``[leftpad, seqlen)`` (left padding, a static cache's
+            unused tail), served by the kernels' cache-aware entry points.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Tags autoflash's mask function puts on the (batch, kv_len) key masks it returns for a
+# cached forward. QUERY_END: the cache's fill level (int or 0-d tensor) where it is not
+# kv_len (a static cache's unused tail). CONTIGUOUS_FROM_START: the mask was built from
+# cache sizes alone, so its valid keys are [0, fill) and need no check (no sync).
+QUERY_END = "_autoflash_query_end"
+CONTIGUOUS_FROM_START = "_autoflash_contiguous_from_start"
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "dense" | "varlen" | "cache"
+    batch: int
+    q_len: int
+    kv_len: int
+    # varlen: real tokens, in row-major order, and their sequences
+    indices: Optional[torch.Tensor] = None  # (total,) int64 positions in the flattened (batch*q_len) grid; None = all
+    cu_seqlens: Optional[torch.Tensor] = None  # (n_seq + 1,) int32
+    max_seqlen: int = 0
+    total: int = 0
+    segment_ids: Optional[torch.Tensor] = None  # (batch, q_len) int64, -1 on padding: for masked dense fallbacks
+    # cache: each row's valid keys are [cache_leftpad, cache_seqlens)
+    cache_seqlens: Optional[torch.Tensor] = None  # (batch,) int32
+    cache_leftpad: Optional[torch.Tensor] = None  # (batch,) int32, None = no left padding
+    key_mask: Optional[torch.Tensor] = None  # (batch, kv_len) bool, None = every key valid
+    keys_contiguous: bool = True  # False: the mask has holes, only masked kernels can serve it
+    # how many host-device synchronisations building this layout cost (0 or 1)
+    syncs: int = 0
+
+    @property
+    def packed_or_padded(self) -> bool:
+        return self.kind == "varlen"
+
+
+def _nonzero_1d(flags: torch.Tensor, count: int) -> torch.Tensor:
+    # torch.nonzero must sync to learn its output size; the size is already known here.
+    if hasattr(torch, "nonzero_static") and flags.device.type in ("cuda", "cpu"):
+        return torch.nonzero_static(flags, size=count).flatten()
+    return torch.nonzero(flags).flatten()
+
+
+def sequence_starts(real: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """(batch, length) bool: where a sequence begins among the real tokens.
+
+    A sequence begins at the first real token of a row and at every real token whose
+    position id does not increase over the previous *real* token of the same row (a
+    packed row restarts its positions; padding in between does not break a sequence).
+    """
+    batch, length = real.shape
+    if position_ids is None:
+        first_real = real & (real.long().cumsum(-1) == 1)
+        return first_real
+    pos = position_ids.expand(batch, length)
+    arange = torch.arange(length, device=real.device).expand(batch, length)
+    last_real = torch.where(real, arange, torch.full_like(arange, -1)).cummax(dim=-1).values
+    prev_real = torch.cat([last_real.new_full((batch, 1), -1), last_real[:, :-1]], dim=-1)
+    prev_pos = pos.gather(-1, prev_real.clamp(min=0))
+    return real & ((prev_real < 0) | (pos <= prev_pos))
+
+
+def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                       batch: int, q_len: int, device: torch.device) -> Layout:
+    if mask is None and position_ids is None:
+        return Layout("dense", batch, q_len, q_len)
+    real = mask if mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    starts = sequence_starts(real, position_ids)
+    flat_real, flat_starts = real.reshape(-1), starts.reshape(-1)
+    n_cells = flat_real.numel()
+    seq_of_token = flat_starts.long().cumsum(0) - 1
+    slot = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, n_cells))
+    lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
+        0, slot, torch.ones_like(slot))[:n_cells]
+    total_t, n_seq_t, max_t = flat_real.sum(), flat_starts.sum(), lengths.max()
+    # the one host-device synchronisation of this forward: three scalars at once
+    total, n_seq, max_seqlen = torch.stack([total_t, n_seq_t, max_t]).tolist()
+    if total == n_cells and n_seq == batch:
+        return Layout("dense", batch, q_len, q_len, syncs=1)
+    cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
+    indices = _nonzero_1d(flat_real, total)
+    segment_ids = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
+    return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
+                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, syncs=1)
+
+
+def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, q_len: int) -> Layout:
+    """Packed rows whose boundaries the caller computed (TRL's padding-free collator): no sync."""
+    if batch != 1:
+        raise ValueError(f"cu_seq_lens_q was given with a batch of {batch} rows; packed inputs must be one row "
+                         "(batch size 1) of concatenated sequences")
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seq_index = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device),
+                                        lengths.long(), output_size=q_len)
+    return Layout("varlen", batch, q_len, q_len, indices=None, cu_seqlens=cu_seqlens,
+                  max_seqlen=int(max_seqlen), total=q_len, segment_ids=seq_index.view(1, q_len))
+
+
+def plan_with_cache(key_mask: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int,
+                    device: torch.device) -> Layout:
+    """Queries are the q_len positions before the cache's fill level; keys are the cache.
+
+    ``key_mask`` is what autoflash's mask function produced: (batch, kv_len) bool, tagged
+    with the fill level when it differs from kv_len (a static cache's unused tail).
+    """
+    if key_mask is None:
+        seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens)
+    fill = getattr(key_mask, QUERY_END, kv_len)
+    seqlens = (fill.to(device) if isinstance(fill, torch.Tensor) else torch.tensor(fill, device=device))
+    seqlens = seqlens.to(torch.int32).reshape(-1).expand(batch).contiguous()
+    if getattr(key_mask, CONTIGUOUS_FROM_START, False):
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, key_mask=key_mask)
+    arange = torch.arange(kv_len, device=device)
+    leftpad = torch.where(key_mask, arange, kv_len).amin(dim=-1).to(torch.int32)
+    # valid keys must be exactly [leftpad, fill): left padding only, nothing masked after it
+    contiguous = ((key_mask.sum(-1) == seqlens - leftpad) & (leftpad < seqlens)).all()
+    # the one host-device synchronisation of this forward
+    if bool(contiguous):
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                      key_mask=key_mask, syncs=1)
+    return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, key_mask=key_mask,
+                  keys_contiguous=False, syncs=1)
+
+
+# -- one plan per forward ---------------------------------------------------------------------------
+
+class _LastPlan(threading.local):
+    key = None
+    refs = ()
+    layout = None
+
+
+_last = _LastPlan()
+
+
+def _identity(t):
+    return None if t is None else (id(t), t._version, tuple(t.shape))
+
+
+def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None):
+    """The layout for this forward, computed by its first attention layer and reused by the rest."""
+    key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len)
+    refs = tuple(weakref.ref(t) for t in (mask, position_ids, given_cu_seqlens) if t is not None)
+    if key == _last.key and all(r() is not None for r in _last.refs):
+        return _last.layout
+    if kv_len > q_len:
+        layout = plan_with_cache(mask, batch, q_len, kv_len, device)
+    elif given_cu_seqlens is not None:
+        layout = plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
+    else:
+        layout = plan_without_cache(mask, position_ids, batch, q_len, device)
+    _last.key, _last.refs, _last.layout = key, refs, layout
+    return layout
+
+
+# -- unpad / pad -----------------------------------------------------------------------------------
+
+def unpad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(batch, heads, len, dim) -> (total, heads, dim) holding the real tokens only."""
+    b, h, n, d = x.shape
+    flat = x.transpose(1, 2).reshape(b * n, h, d)
+    if layout.indices is None:
+        return flat
+    return flat.index_select(0, layout.indices)
+
+
+def pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(total, heads, dim) -> (batch, len, heads, dim), zeros on padding (transformers' layout after attention)."""
+    _, h, d = x.shape
+    if layout.indices is None:
+        return x.view(layout.batch, layout.q_len, h, d)
+    out = x.new_zeros(layout.batch * layout.q_len, h, d)
+    out.index_copy_(0, layout.indices, x)
+    return out.view(layout.batch, layout.q_len, h, d)

@@ -1,0 +1,64 @@
+"""transformers with AttentionInterface (4.48+, 5.x): register, don't replace.
+
+The patch registers autoflash's attention function and mask function under
+``ATTENTION_NAME`` and teaches LLaMA models to choose it: a model that asked for no
+implementation, for ``sdpa`` or for ``flash_attention_2`` gets autoflash; ``eager``
+and every other explicit choice are honoured. ``flash_attention_2`` thereby works where
+the flash-attn package is not installed (transformers itself raises ImportError there).
+
+What it relies on in transformers:
+- ``AttentionInterface`` / ``AttentionMaskInterface`` keep their registry in the class
+  attribute ``_global_mapping`` (``register`` writes there);
+- ``PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, ...)``
+  is where a model's constructor, ``from_pretrained`` and ``set_attn_implementation``
+  turn the requested name into the one stored on the config.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
+from autoflash.patches.base import Patch
+
+ERA = "attention-interface"
+REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
+
+
+def missing(module) -> List[str]:
+    gaps = []
+    try:
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+        from transformers.modeling_utils import AttentionInterface  # noqa: F401
+    except ImportError as exc:
+        gaps.append(f"no AttentionInterface/AttentionMaskInterface ({exc})")
+    base = getattr(module, "LlamaPreTrainedModel", None)
+    if base is None:
+        gaps.append("no LlamaPreTrainedModel")
+    elif not hasattr(base, "_check_and_adjust_attn_implementation"):
+        gaps.append("no PreTrainedModel._check_and_adjust_attn_implementation")
+    return gaps
+
+
+def apply(module) -> Patch:
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    patch = Patch(module.__name__, ERA)
+    try:
+        patch.set_item(AttentionInterface._global_mapping, ATTENTION_NAME, attention_forward)
+        patch.set_item(AttentionMaskInterface._global_mapping, ATTENTION_NAME, mask_function)
+        base = module.LlamaPreTrainedModel
+        original = base._check_and_adjust_attn_implementation
+
+        def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+            if attn_implementation in REPLACED_REQUESTS:
+                return ATTENTION_NAME
+            return original(self, attn_implementation, *args, **kwargs)
+
+        _check_and_adjust_attn_implementation.__wrapped__ = original
+        patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
+    except BaseException:
+        patch.undo()
+        raise
+    return patch

@@ -1,0 +1,62 @@
+"""The environment switches, read once per process.
+
+A bad value never crashes a user's program: it is reported in one line through the
+``autoflash`` logger and the default is used instead.
+"""
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+from autoflash._startup import DISABLE_VARIABLE, disabled_by_env
+
+BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
+LOG_VARIABLE = "AUTOFLASH_LOG"
+BACKEND_CHOICES = ("auto", "flash_attn", "torch", "sdpa")
+LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+logger = logging.getLogger("autoflash")
+
+
+@dataclass(frozen=True)
+class Settings:
+    disabled: bool
+    backend: str  # one of BACKEND_CHOICES
+    log_level: str  # one of LOG_CHOICES
+
+    def as_dict(self) -> dict:
+        return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level}
+
+
+def _choice(variable: str, choices, default: str) -> str:
+    raw = os.environ.get(variable)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in choices:
+        return value
+    logger.warning("%s=%r is not one of %s; using %r", variable, raw, "|".join(choices), default)
+    return default
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    result = Settings(
+        disabled=disabled_by_env(),
+        backend=_choice(BACKEND_VARIABLE, BACKEND_CHOICES, "auto"),
+        log_level=_choice(LOG_VARIABLE, tuple(LOG_CHOICES), "warning"),
+    )
+    _configure_logger(result.log_level)
+    return result
+
+
+def _configure_logger(level_name: str) -> None:
+    level = LOG_CHOICES[level_name]
+    logger.setLevel(level)
+    if level < logging.WARNING and not logger.handlers:
+        # Asking for info/debug output is asking to see it, even where the application
+        # never configured logging.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("autoflash %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
