@@ -36,11 +36,11 @@ _override = threading.local()
 
 @contextlib.contextmanager
 def forced(name: str):
-    """Route every call in this thread to one backend (tests, benchmarks)."""
-    if name not in backends.BY_NAME:
+    """Route every call in this thread to one backend (tests, benchmarks); "auto" restores the normal choice."""
+    if name != "auto" and name not in backends.BY_NAME:
         raise ValueError(f"unknown backend {name!r} (known: {', '.join(backends.BY_NAME)})")
     previous = getattr(_override, "name", None)
-    _override.name = name
+    _override.name = None if name == "auto" else name
     try:
         yield
     finally:
@@ -54,9 +54,15 @@ def _candidates():
     return (backends.BY_NAME[name],), True
 
 
+# the latest decision per layout kind, for the demo and doctor ("what did my model just use?")
+last_decisions: Dict[str, Decision] = {}
+
+
 def choose(call: AttentionCall) -> Decision:
     order, is_forced = _candidates()
-    return _choose(call, tuple(b.name for b in order), is_forced)
+    decision = _choose(call, tuple(b.name for b in order), is_forced)
+    last_decisions[call.kind] = decision
+    return decision
 
 
 @functools.lru_cache(maxsize=4096)
@@ -111,3 +117,4 @@ def describe_choice(call: AttentionCall) -> Dict[str, object]:
 def clear_cache() -> None:
     _choose.cache_clear()
     _warned.clear()
+    last_decisions.clear()

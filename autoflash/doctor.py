@@ -1,0 +1,152 @@
+"""What is installed, what is active, and why: ``autoflash doctor`` and ``autoflash.status()``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import site
+import sys
+from pathlib import Path
+from typing import Optional
+
+from autoflash import _startup
+from autoflash.settings import BACKEND_VARIABLE, DISABLE_VARIABLE, LOG_VARIABLE, settings
+
+
+def _version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _site_dirs():
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    user = site.getusersitepackages() if hasattr(site, "getusersitepackages") else None
+    return dirs, user
+
+
+def startup_files() -> dict:
+    """Is autoflash.pth in a directory this interpreter processes at start-up, and will its line run?"""
+    dirs, user = _site_dirs()
+    found = []
+    for d in dirs + ([user] if user else []):
+        for name in ("autoflash.pth", "autoflash.start"):
+            if (Path(d) / name).is_file():
+                found.append(str(Path(d) / name))
+    pth = next((f for f in found if f.endswith(".pth")), None)
+    reasons = []
+    if pth is None:
+        reasons.append("autoflash.pth is not in this interpreter's site-packages (was autoflash installed with "
+                       "this python's pip?)")
+    elif user and pth.startswith(str(user)) and not site.ENABLE_USER_SITE:
+        reasons.append("autoflash.pth is in the user site-packages, which this interpreter does not process")
+    if sys.flags.no_site:
+        reasons.append("python runs with -S: no .pth file is processed")
+    if settings().disabled:
+        reasons.append(f"{DISABLE_VARIABLE} is set: the .pth line returns at once")
+    return {"files": found, "will_run": not reasons, "reasons": reasons}
+
+
+def _torch_facts():
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        return None, f"torch is not importable ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return None, None
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"name": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}"}, None
+
+
+def _example_calls(gpu):
+    import torch
+
+    from autoflash.call import AttentionCall, capability_of
+
+    device = torch.device("cuda") if gpu else torch.device("cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    common = dict(device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=128,
+                  num_heads=32, num_kv_heads=8, dropout=0.0, causal=True)
+    training = AttentionCall(kind="varlen", q_len=2048, kv_len=2048, needs_grad=True, **common)
+    decode = AttentionCall(kind="cache", q_len=1, kv_len=2048, needs_grad=False, left_padded_cache=True, **common)
+    return {"training (padded batch, LLaMA-3-8B heads)": training, "decode (left-padded kv cache)": decode}
+
+
+def status() -> dict:
+    from autoflash import hooks
+
+    gpu, torch_problem = _torch_facts()
+    result = {
+        "autoflash": _version("autoflash"),
+        "active": not settings().disabled and not hooks.state()["user_disabled"]
+        and (bool(hooks.patched_modules()) or hooks.state()["hooks_registered"] or _startup._trigger in sys.meta_path),
+        "disabled_by_env": settings().disabled,
+        "patched": hooks.patched_modules(),
+        "last_error": hooks.state()["last_error"],
+        "settings": settings().as_dict(),
+        "startup": startup_files(),
+        "versions": {"python": sys.version.split()[0], "torch": _version("torch"),
+                     "transformers": _version("transformers"), "flash-attn": _version("flash-attn") or
+                     _version("flash_attn"), "wrapt": _version("wrapt")},
+        "gpu": gpu,
+        "backends": [],
+        "choices": {},
+    }
+    if torch_problem:
+        result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
+                              for n in ("flash_attn", "torch", "sdpa")]
+        return result
+    from autoflash import backends, dispatch
+
+    for backend in backends.AUTO_ORDER:
+        reasons = backend.unavailable_reasons()
+        result["backends"].append({"name": backend.name, "available": not reasons, "reasons": reasons})
+    for label, call in _example_calls(gpu).items():
+        try:
+            result["choices"][label] = dispatch.describe_choice(call)
+        except Exception as exc:  # noqa: BLE001
+            result["choices"][label] = {"call": call.describe(), "backend": None, "error": str(exc)}
+    return result
+
+
+def report(data: dict) -> str:
+    lines = [f"autoflash {data['autoflash'] or '(not installed as a distribution)'}"]
+    if data["disabled_by_env"]:
+        lines.append(f"  DISABLED by {DISABLE_VARIABLE}: nothing is registered, nothing patched")
+    else:
+        lines.append(f"  active in this process: {'yes' if data['active'] else 'no'}"
+                     + (f"; patched: {', '.join(data['patched'])}" if data["patched"] else
+                        " (patches when transformers' LLaMA module is imported)"))
+    if data["last_error"]:
+        lines.append(f"  last problem: {data['last_error']}")
+    start = data["startup"]
+    lines.append("start-up hook:")
+    for f in start["files"] or ["(no autoflash.pth / autoflash.start found)"]:
+        lines.append(f"  {f}")
+    lines.append(f"  runs in new interpreters: {'yes' if start['will_run'] else 'no'}")
+    lines += [f"    - {r}" for r in start["reasons"]]
+    lines.append("switches:")
+    for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE):
+        lines.append(f"  {name}={os.environ.get(name, '')!s:<10} -> {data['settings'][name]}")
+    lines.append("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in data["versions"].items()))
+    gpu = data["gpu"]
+    lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")
+    lines.append("backends (best first):")
+    for b in data["backends"]:
+        lines.append(f"  {b['name']:<11} {'available' if b['available'] else 'unavailable'}")
+        lines += [f"      - {r}" for r in b["reasons"]]
+    for label, choice in data["choices"].items():
+        lines.append(f"{label}: {choice['call']}")
+        lines.append(f"  -> {choice['backend'] or 'no backend: ' + choice.get('error', '')}")
+        for refused in choice.get("refused", []):
+            lines.append(f"     {refused['backend']} refused: {'; '.join(refused['reasons'])}")
+    return "\n".join(lines)
+
+
+def main(as_json: bool) -> int:
+    data = status()
+    print(json.dumps(data, indent=2) if as_json else report(data))
+    return 0

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny random LLaMA twice (autoflash and eager, same weights) and batch builders.
+
+Tolerances are named once here. float32 on CPU: autoflash must equal eager up to
+float32 rounding of a differently ordered reduction.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+FLOAT32_RTOL = 1e-5
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**TINY, **overrides})
+
+
+def model_pair(seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
+    """(autoflash model, eager model) with identical random weights."""
+    import autoflash
+    from transformers import LlamaForCausalLM
+
+    assert autoflash.enable(), "autoflash did not patch transformers in the test process"
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    fast = LlamaForCausalLM(copy.deepcopy(config))
+    eager = LlamaForCausalLM(copy.deepcopy(config))
+    eager.set_attn_implementation("eager")
+    eager.load_state_dict(fast.state_dict())
+    assert fast.config._attn_implementation == "autoattn"
+    return fast.to(device=device, dtype=dtype), eager.to(device=device, dtype=dtype)
+
+
+def padding_mask(lengths, side: str, device="cpu") -> torch.Tensor:
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, width - n:] = 1
+    return mask
+
+
+def labels_for(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels with -100 on padding and on every target predicted from a padding position.
+
+    The second rule is ../shared/FINDINGS.md item 4: the first real token of a left-padded
+    row is otherwise a target predicted from padding, whose loss depends on how each
+    implementation fills fully masked rows.
+    """
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100
+    return labels
+
+
+def train_step(model, **inputs):
+    """(logits, {parameter name: gradient}) of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def worst_gradient_error(grads, reference) -> tuple:
+    assert grads.keys() == reference.keys()
+    return max((relative_error(grads[n], reference[n]), n) for n in reference)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_state():
+    from autoflash import dispatch
+
+    dispatch.clear_cache()
+    yield
