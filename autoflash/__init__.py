@@ -14,7 +14,10 @@ __all__ = ["enable", "disable", "status", "replace_llama_attn_with_flash_attn",
 
 
 def enable() -> bool:
-    """Patch LLaMA attention now (if transformers' LLaMA module is imported) and on its import."""
+    """Patch LLaMA attention now (if transformers' LLaMA module is imported) and on its import.
+
+    Returns whether autoflash is active; ``autoflash doctor`` says why when it is not.
+    """
     from autoflash import hooks
 
     return hooks.enable()

@@ -77,7 +77,11 @@ def _warn_unknown_version(module) -> None:
 
 
 def enable() -> bool:
-    """Patch now where the watched modules are imported, and on their import otherwise."""
+    """Patch now where the watched modules are imported, and on their import otherwise.
+
+    Returns True when autoflash is active: every watched module imported so far is patched
+    (the others will be on import). False when disabled by the environment or a patch failed.
+    """
     with _lock:
         if settings().disabled:
             logger.info("autoflash.enable() ignored: AUTOFLASH_DISABLE is set")
@@ -88,7 +92,7 @@ def enable() -> bool:
             module = sys.modules.get(name)
             if module is not None:
                 on_import(module)
-        return bool(_applied)
+        return all(name in _applied for name in WATCHED_MODULES if name in sys.modules)
 
 
 def disable() -> None:

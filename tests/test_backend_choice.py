@@ -1,0 +1,118 @@
+"""Dispatch picks the first backend with no reason against a call, and says why it refused the others."""
+
+import pytest
+import torch
+
+from autoflash import backends, dispatch
+from autoflash.call import AttentionCall
+
+
+def _call(**overrides):
+    fields = dict(kind="varlen", device_type="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128,
+                  num_heads=32, num_kv_heads=8, q_len=2048, kv_len=2048, dropout=0.0, causal=True, needs_grad=True)
+    return AttentionCall(**{**fields, **overrides})
+
+
+def _reasons(decision, name):
+    return dict(decision.refused)[name]
+
+
+def _without_flash_attn(monkeypatch):
+    monkeypatch.setattr(backends.FLASH_ATTN, "unavailable_reasons", lambda: ["flash-attn is not importable"])
+
+
+def test_cpu_call_goes_to_sdpa_and_says_why(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    decision = dispatch.choose(_call(device_type="cpu", capability=None, dtype=torch.float32))
+    assert decision.backend == "sdpa"
+    assert "device=cpu (supported: cuda)" in _reasons(decision, "torch")
+    assert any(r.startswith("dtype=float32") for r in _reasons(decision, "torch"))
+
+
+def test_float32_on_a_gpu_goes_to_sdpa(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    decision = dispatch.choose(_call(dtype=torch.float32))
+    assert decision.backend == "sdpa"
+    assert _reasons(decision, "torch") == (
+        "dtype=float32 (supported: float16, bfloat16; float32 models run flash under torch.autocast)",)
+
+
+def test_head_dim_256_is_refused_only_above_the_limit(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    assert dispatch.choose(_call(head_dim=256)).backend == "torch"
+    decision = dispatch.choose(_call(head_dim=264))
+    assert decision.backend == "sdpa"
+    assert "head_dim=264 (supported: multiple of 8, <= 256)" in _reasons(decision, "torch")
+
+
+def test_gpu_below_ampere_falls_back_with_the_capability_in_the_reason(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    decision = dispatch.choose(_call(capability=(7, 5)))
+    assert decision.backend == "sdpa"
+    assert "compute capability 7.5 (needs >= 8.0)" in _reasons(decision, "torch")
+
+
+def test_ampere_gpu_without_flash_attn_uses_torch_builtin_kernels(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    decision = dispatch.choose(_call(capability=(8, 0)))
+    assert decision.backend == "torch"
+    assert _reasons(decision, "flash_attn") == ("flash-attn is not importable",)
+
+
+def test_decode_step_takes_the_cache_path_and_training_through_a_cache_is_refused(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    assert dispatch.choose(_call(kind="cache", q_len=1, needs_grad=False)).backend == "torch"
+    decision = dispatch.choose(_call(kind="cache", q_len=1, needs_grad=True))
+    assert decision.backend == "sdpa"
+    assert "kv-cache call with gradients (supported: inference)" in _reasons(decision, "torch")
+
+
+def test_dropout_on_a_padded_batch_is_refused_by_torch_varlen(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    decision = dispatch.choose(_call(dropout=0.1))
+    assert decision.backend == "sdpa"
+    assert any("varlen_attn has no dropout" in r for r in _reasons(decision, "torch"))
+    assert dispatch.choose(_call(dropout=0.1, kind="dense")).backend == "torch"
+
+
+def test_forcing_an_unavailable_backend_is_a_clear_error(monkeypatch):
+    _without_flash_attn(monkeypatch)
+    with dispatch.forced("flash_attn"):
+        with pytest.raises(dispatch.BackendUnavailable, match="flash-attn is not importable"):
+            dispatch.choose(_call())
+
+
+def test_forcing_a_backend_that_cannot_serve_the_call_names_the_call():
+    with dispatch.forced("torch"):
+        with pytest.raises(dispatch.BackendUnavailable, match=r"device=cpu.*AUTOFLASH_BACKEND=auto"):
+            dispatch.choose(_call(device_type="cpu", capability=None))
+
+
+def test_forcing_sdpa_skips_the_flash_kernels():
+    with dispatch.forced("sdpa"):
+        decision = dispatch.choose(_call())
+    assert decision == dispatch.Decision("sdpa", ())
+
+
+def test_backend_env_switch_is_read_and_bad_values_fall_back_to_auto(monkeypatch, caplog):
+    from autoflash import settings as settings_module
+
+    for raw, expected in (("TORCH", "torch"), (" sdpa ", "sdpa"), ("fast-please", "auto"), ("", "auto")):
+        monkeypatch.setenv("AUTOFLASH_BACKEND", raw)
+        settings_module.settings.cache_clear()
+        try:
+            assert settings_module.settings().backend == expected
+        finally:
+            settings_module.settings.cache_clear()
+    assert "AUTOFLASH_BACKEND='fast-please' is not one of auto|flash_attn|torch|sdpa" in caplog.text
+
+
+def test_each_kind_of_fallback_warns_once(monkeypatch, caplog):
+    _without_flash_attn(monkeypatch)
+    for q_len in (10, 20, 30):
+        dispatch.choose(_call(dtype=torch.float32, q_len=q_len, kv_len=q_len))
+    dispatch.choose(_call(kind="cache", dtype=torch.float32, q_len=1))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "padded/packed attention runs on sdpa" in warnings[0] and "dtype=float32" in warnings[0]
+    assert "kv-cache attention runs on sdpa" in warnings[1]

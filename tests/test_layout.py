@@ -1,0 +1,83 @@
+"""Unpad indices, sequence boundaries and cache ranges: computed once per forward, right for any pattern."""
+
+import torch
+
+from autoflash import layout as layout_module
+from autoflash.layout import pad, plan_with_cache, plan_without_cache, unpad
+from conftest import model_pair, padding_mask
+
+
+def test_right_and_left_padding_give_one_sequence_per_row():
+    for side in ("right", "left"):
+        mask = padding_mask([4, 1, 3], side).bool()
+        plan = plan_without_cache(mask, None, 3, 4, torch.device("cpu"))
+        assert plan.kind == "varlen"
+        assert plan.cu_seqlens.tolist() == [0, 4, 5, 8]
+        assert plan.max_seqlen == 4 and plan.total == 8
+        assert plan.indices.tolist() == torch.nonzero(mask.flatten()).flatten().tolist()
+
+
+def test_restarting_positions_split_a_row_and_padding_does_not():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 0, 1, 1, 2, 3]])
+    plan = plan_without_cache(mask, positions, 2, 6, torch.device("cpu"))
+    # row 0: [0 1 2][0 1]; row 1: one sequence 0 1 (2 3) across a masked hole
+    assert plan.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert plan.segment_ids.tolist() == [[0, 0, 0, 1, 1, -1], [-1, 2, 2, -1, 2, 2]]
+
+
+def test_full_batch_without_restarts_takes_the_dense_path():
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    positions = torch.arange(5)[None]
+    plan = plan_without_cache(mask, positions, 2, 5, torch.device("cpu"))
+    assert plan.kind == "dense" and plan.indices is None
+    assert plan_without_cache(None, None, 2, 5, torch.device("cpu")).syncs == 0
+
+
+def test_unpad_then_pad_restores_real_tokens_and_zeros_padding():
+    mask = padding_mask([3, 1, 2], "left").bool()
+    plan = plan_without_cache(mask, None, 3, 3, torch.device("cpu"))
+    x = torch.randn(3, 2, 3, 4)  # (batch, heads, len, dim)
+    flat = unpad(x, plan)
+    assert flat.shape == (6, 2, 4)
+    back = pad(flat, plan)  # (batch, len, heads, dim)
+    assert torch.equal(back[mask], x.transpose(1, 2)[mask])
+    assert torch.count_nonzero(back[~mask]) == 0
+
+
+def test_left_padded_cache_is_one_range_per_row():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    plan = plan_with_cache(mask, 3, 1, 5, torch.device("cpu"))
+    assert plan.keys_contiguous and plan.syncs == 1
+    assert plan.cache_leftpad.tolist() == [2, 0, 4]
+    assert plan.cache_seqlens.tolist() == [5, 5, 5]
+
+
+def test_a_cache_mask_with_holes_is_marked_for_masked_kernels_only():
+    mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert not plan_with_cache(mask, 2, 1, 4, torch.device("cpu")).keys_contiguous
+    right_padded = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert not plan_with_cache(right_padded, 2, 1, 4, torch.device("cpu")).keys_contiguous
+
+
+def test_cache_without_mask_needs_no_sync():
+    plan = plan_with_cache(None, 2, 1, 9, torch.device("cpu"))
+    assert plan.syncs == 0 and plan.cache_seqlens.tolist() == [9, 9]
+
+
+def test_plan_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
+    calls = []
+    original = layout_module.plan_without_cache
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layout_module, "plan_without_cache", counting)
+    fast, _ = model_pair(seed=1, num_hidden_layers=4)
+    mask = padding_mask([5, 2, 4], "right")
+    ids = torch.randint(3, 97, mask.shape)
+    fast(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 1
+    fast(input_ids=ids, attention_mask=mask.clone())
+    assert len(calls) == 2

@@ -1,0 +1,128 @@
+"""Which LLaMA models get autoflash, and that disable() puts back every original object."""
+
+import types
+
+import pytest
+import torch
+
+import autoflash
+from autoflash import hooks
+from autoflash.attention import ATTENTION_NAME
+from conftest import tiny_config
+
+
+@pytest.fixture
+def llama():
+    assert autoflash.enable()
+    import transformers.models.llama.modeling_llama as module
+
+    return module
+
+
+def _attn(model):
+    return model.config._attn_implementation
+
+
+@pytest.mark.parametrize("requested", [None, "sdpa", "flash_attention_2"])
+def test_default_sdpa_and_flash_attention_2_requests_get_autoflash(llama, requested, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    kwargs = {} if requested is None else {"attn_implementation": requested}
+    assert _attn(LlamaForCausalLM._from_config(tiny_config(), **kwargs)) == ATTENTION_NAME
+    assert _attn(AutoModelForCausalLM.from_config(tiny_config(), **kwargs)) == ATTENTION_NAME
+    LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    assert _attn(AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)) == ATTENTION_NAME
+    assert _attn(LlamaForCausalLM.from_pretrained(tmp_path, **kwargs)) == ATTENTION_NAME
+
+
+def test_flash_attention_2_runs_without_the_flash_attn_package(llama):
+    pytest.importorskip("torch")
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM._from_config(tiny_config(), attn_implementation="flash_attention_2")
+    out = model(input_ids=torch.randint(3, 97, (2, 5)), attention_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_explicit_eager_and_other_explicit_choices_are_honoured(llama):
+    from transformers import AttentionInterface, LlamaForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    assert _attn(LlamaForCausalLM._from_config(tiny_config(), attn_implementation="eager")) == "eager"
+    AttentionInterface.register("my_kernel", sdpa_attention_forward)
+    AttentionMaskInterface.register("my_kernel", sdpa_mask)
+    try:
+        assert _attn(LlamaForCausalLM._from_config(tiny_config(), attn_implementation="my_kernel")) == "my_kernel"
+    finally:
+        AttentionInterface._global_mapping.pop("my_kernel")
+        AttentionMaskInterface._global_mapping.pop("my_kernel")
+
+
+def test_set_attn_implementation_follows_the_same_policy(llama):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM._from_config(tiny_config(), attn_implementation="eager")
+    model.set_attn_implementation("sdpa")
+    assert _attn(model) == ATTENTION_NAME
+
+
+def test_disable_restores_every_original_object_and_enable_patches_again(llama):
+    from transformers import LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface, PreTrainedModel
+
+    autoflash.disable()
+    try:
+        assert hooks.patched_modules() == []
+        assert ATTENTION_NAME not in AttentionInterface._global_mapping
+        assert ATTENTION_NAME not in AttentionMaskInterface._global_mapping
+        assert "_check_and_adjust_attn_implementation" not in llama.LlamaPreTrainedModel.__dict__
+        assert (llama.LlamaPreTrainedModel._check_and_adjust_attn_implementation
+                is PreTrainedModel._check_and_adjust_attn_implementation)
+        assert _attn(LlamaForCausalLM(tiny_config())) == "sdpa"
+        assert autoflash.status()["active"] is False
+    finally:
+        assert autoflash.enable()
+    assert _attn(LlamaForCausalLM(tiny_config())) == ATTENTION_NAME
+
+
+def test_patch_records_what_it_replaced(llama):
+    patch = hooks._applied[llama.__name__]
+    assert [where for where, _ in patch.replaced] == [
+        f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation"]
+
+
+def test_unknown_transformers_layout_is_left_unpatched_with_one_warning(caplog):
+    future = types.ModuleType("transformers.models.llama.modeling_llama_v99")
+    future.LlamaModel = object  # a LLaMA module without what the patch needs
+    assert hooks.apply(future) is False
+    assert hooks.patched_modules() == ["transformers.models.llama.modeling_llama"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    import transformers
+
+    assert f"does not recognise transformers {transformers.__version__}" in warnings[0]
+    assert "no LlamaPreTrainedModel" in warnings[0] and "report" in warnings[0]
+
+
+def test_seed_api_aliases_enable(llama):
+    assert autoflash.replace_llama_attn_with_flash_attn() is True
+    assert autoflash.replace_llama2_attn_with_flash_attn() is True
+
+
+def test_status_is_json_serialisable_and_complete(llama):
+    import json
+
+    data = json.loads(json.dumps(autoflash.status()))
+    assert data["active"] is True and data["disabled_by_env"] is False
+    assert data["patched"] == [llama.__name__]
+    assert [b["name"] for b in data["backends"]] == ["flash_attn", "torch", "sdpa"]
+    assert all({"name", "available", "reasons"} <= set(b) for b in data["backends"])
+    assert {"torch", "transformers", "flash-attn", "wrapt"} <= set(data["versions"])
+    assert "gpu" in data

@@ -1,0 +1,135 @@
+"""The .pth line runs in every Python process: cheap, silent, never raising, off when disabled."""
+
+import sys
+
+import pytest
+
+from _subprocess import autoflash_lines, run_python
+
+HEAVY = ("torch", "transformers", "wrapt", "autoflash.hooks", "autoflash.patches", "autoflash.attention",
+         "autoflash.layout", "autoflash.backends", "autoflash.dispatch")
+LLAMA = "transformers.models.llama.modeling_llama"
+LIST_HEAVY = f"""
+    import sys
+    heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in {HEAVY!r}))
+    print(heavy)
+"""
+PATCHED = f"""
+    import {LLAMA}
+    import autoflash
+    print(autoflash.status()["patched"])
+"""
+
+
+def test_pth_does_not_import_torch_or_transformers():
+    result = run_python(LIST_HEAVY)
+    assert result.stdout.strip() == "[]"
+    assert result.stderr == ""
+
+
+def test_pth_is_armed_and_patches_on_first_import():
+    result = run_python(PATCHED)
+    assert result.stdout.strip() == f"['{LLAMA}']"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "On"])
+def test_disable_switch_registers_nothing_and_patches_nothing(value):
+    code = ("import sys\n"
+            "print([m for m in sys.modules if m.startswith('autoflash')], [type(f).__name__ for f in sys.meta_path])\n"
+            f"import {LLAMA}\n"
+            "import autoflash\n"
+            "print(autoflash.status()['patched'])\n")
+    result = run_python(code, env={"AUTOFLASH_DISABLE": value})
+    first, second = result.stdout.strip().splitlines()
+    assert first.startswith("[] ") and "_ArmOnTransformersImport" not in first
+    assert second == "[]"
+
+
+def _fake_package(tmp_path, name, body="raise ImportError('simulated: not importable')"):
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text(body + "\n")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_start_up_survives_a_broken_wrapt(tmp_path):
+    env = _fake_package(tmp_path, "wrapt")
+    assert run_python("pass", env=env).stderr == ""
+    result = run_python(PATCHED, env=env)
+    assert result.stdout.strip() == "[]"
+    lines = autoflash_lines(result.stderr)
+    assert len(lines) == 1 and "could not register its import hook" in lines[0] and "simulated" in lines[0]
+
+
+def test_start_up_survives_torch_not_importable(tmp_path):
+    env = _fake_package(tmp_path, "torch")
+    assert run_python("pass", env=env).stderr == ""
+    result = run_python("import transformers; print('imported')", env=env)
+    assert result.stdout.strip() == "imported"
+    assert autoflash_lines(result.stderr) == []
+
+
+def test_start_up_survives_transformers_not_installed(tmp_path):
+    env = _fake_package(tmp_path, "transformers")
+    assert run_python("import json", env=env).stderr == ""
+    result = run_python("import transformers", env=env, check=False)
+    assert "simulated: not importable" in result.stderr  # the user's own error, not ours
+    assert autoflash_lines(result.stderr) == []
+
+
+def test_a_patch_that_raises_leaves_the_model_unpatched_with_one_warning():
+    result = run_python(f"""
+        import autoflash.patches.attention_interface as era
+        def broken(module):
+            raise RuntimeError("simulated patch failure")
+        era.apply = broken
+        import {LLAMA} as llama
+        import autoflash, transformers
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1))
+        print(autoflash.status()["patched"], model.config._attn_implementation)
+    """)
+    assert result.stdout.strip() == "[] sdpa"
+    lines = autoflash_lines(result.stderr)
+    assert len(lines) == 1 and "simulated patch failure" in lines[0] and "runs unpatched" in lines[0]
+
+
+def test_import_autoflash_patches_at_once_when_llama_is_already_imported():
+    """Where the .pth never ran (python -S): importing autoflash afterwards is enough."""
+    import site
+
+    import autoflash
+
+    paths = [p for p in sys.path if p] + site.getsitepackages()
+    package_root = str(__import__("pathlib").Path(autoflash.__file__).parent.parent)
+    result = run_python(f"""
+        import sys
+        sys.path[:0] = {[package_root] + paths!r}
+        import {LLAMA}
+        print("autoflash" in sys.modules)
+        import autoflash
+        print(autoflash.status()["patched"])
+    """, args=("-S",))
+    assert result.stdout.split() == ["False", f"['{LLAMA}']"]
+
+
+def test_patching_from_two_threads_at_once_patches_once():
+    result = run_python(f"""
+        import threading
+        import autoflash
+        from autoflash import hooks
+        errors = []
+        def work():
+            try:
+                import {LLAMA}
+                autoflash.enable()
+            except BaseException as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        from transformers.modeling_utils import AttentionInterface
+        print(errors, hooks.patched_modules(), list(AttentionInterface._global_mapping).count("autoattn"))
+    """)
+    assert result.stdout.strip() == f"[] ['{LLAMA}'] 1"
