@@ -14,58 +14,47 @@ from autoflash import dispatch
 from autoflash.backends import BY_NAME
 from autoflash.backends._common import allowed_keys
 from autoflash.call import AttentionCall, capability_of
-from autoflash.layout import CONTIGUOUS_FROM_START, QUERY_END, plan_for
+from autoflash.layout import plan_for
 from autoflash.settings import logger
 
 # The name autoflash registers under. It must not contain "flash": transformers treats
 # any such name as its own flash-attention and tries to load it as a kernel.
 ATTENTION_NAME = "autoattn"
 
-_TAGS = (QUERY_END, CONTIGUOUS_FROM_START)
-
-
+@torch.compiler.disable
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, cache_position=None, **kwargs):
-    """Registered with transformers' AttentionMaskInterface; returns a 2-D key-padding mask or None.
+    """Registered with transformers' AttentionMaskInterface, called once per forward.
 
-    Never a 4-D mask: the attention function derives unpad indices, sequence boundaries
-    and cache ranges from this once per forward. ``mask_function`` (transformers' own
-    description of causality and packing) is not needed: causality is the kernels' flag
-    and packing is read from position ids.
+    Returns what the attention function needs and nothing more, never a 4-D mask:
+    ``None`` (every key valid), the 2-D key-padding mask (its width is the number of key
+    slots in use), or, for a static cache without padding, a (batch,) int tensor of fill
+    levels (the number of slots in use is a device value there; reading it would cost a
+    host sync on every decode step). ``mask_function`` (transformers' description of
+    causality and packing) is not needed: causality is the kernels' flag, and packing is
+    read from position ids.
     """
     if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            return attention_mask
-        width = attention_mask.shape[1]
-        if width < kv_length:
-            # a static cache: K/V span max_cache_len, the mask only the tokens seen so far
-            mask = torch.nn.functional.pad(attention_mask.to(torch.bool), (0, kv_length - width), value=False)
-            setattr(mask, QUERY_END, width)
-            return mask
-        mask = attention_mask[:, width - kv_length:]  # a fresh object per forward, same storage
-        for tag in _TAGS:
-            if hasattr(attention_mask, tag):
-                setattr(mask, tag, getattr(attention_mask, tag))
-        return mask
+        if attention_mask.dim() != 2 or attention_mask.shape[1] <= kv_length:
+            return attention_mask[...]  # a fresh object per forward (layout.plan_for keys on it)
+        return attention_mask[:, -kv_length:]
     if kv_length == q_length:
         return None
-    # transformers < 5 passes cache_position; later releases the query offset
+    # transformers < 5.2x passes cache_position; later releases the query offset
     fill = cache_position[-1] + 1 if cache_position is not None else q_offset + q_length
     if isinstance(fill, int) and fill == kv_length:
         return None
-    fill = torch.as_tensor(fill)
-    mask = (torch.arange(kv_length, device=fill.device) < fill).expand(batch_size, kv_length).contiguous()
-    setattr(mask, QUERY_END, fill)
-    setattr(mask, CONTIGUOUS_FROM_START, True)
-    return mask
+    device = cache_position.device if cache_position is not None else kwargs.get("device")
+    return torch.as_tensor(fill, dtype=torch.int32, device=device).reshape(1).expand(batch_size).contiguous()
 
 
+@torch.compiler.disable  # transformers compiles static-cache decoding; keep these Python decisions eager
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dim() > 2:
         return _custom_mask(query, key, value, attention_mask, dropout, scaling)
 
     batch, num_heads, q_len, head_dim = query.shape
@@ -120,7 +109,7 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
                      "return no attention weights)")
     batch, _, q_len, head_dim = query.shape
     kv_len = key.shape[2]
-    layout = plan_for(attention_mask if attention_mask is None or attention_mask.dim() == 2 else None,
+    layout = plan_for(attention_mask if attention_mask is None or attention_mask.dim() <= 2 else None,
                       kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
                       kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     call = AttentionCall(layout.kind, query.device.type, None, query.dtype, head_dim, query.shape[1], key.shape[1],

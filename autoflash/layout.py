@@ -15,8 +15,10 @@ Three kinds of layout:
             and no cache: queries, keys and values are unpadded to the real tokens,
             ``cu_seqlens`` mark the sequences, outputs are padded back.
 ``cache``   keys come from a KV cache longer than the query: each row's valid keys are
-            one contiguous range ``[leftpad, seqlen)`` (left padding, a static cache's
-            unused tail), served by the kernels' cache-aware entry points.
+            one contiguous range ``[leftpad, fill)`` (left padding; a static cache's
+            unused tail past ``fill``), served by the kernels' cache-aware entry points.
+            A prefill of several tokens also gets the unpadded form (indices and
+            cu_seqlens for queries and for keys) for kernels without such an entry point.
 """
 
 from __future__ import annotations
@@ -28,14 +30,6 @@ from typing import Optional
 
 import torch
 
-# Tags autoflash's mask function puts on the (batch, kv_len) key masks it returns for a
-# cached forward. QUERY_END: the cache's fill level (int or 0-d tensor) where it is not
-# kv_len (a static cache's unused tail). CONTIGUOUS_FROM_START: the mask was built from
-# cache sizes alone, so its valid keys are [0, fill) and need no check (no sync).
-QUERY_END = "_autoflash_query_end"
-CONTIGUOUS_FROM_START = "_autoflash_contiguous_from_start"
-
-
 @dataclass(frozen=True)
 class Layout:
     kind: str  # "dense" | "varlen" | "cache"
@@ -44,15 +38,19 @@ class Layout:
     kv_len: int
     # varlen: real tokens, in row-major order, and their sequences
     indices: Optional[torch.Tensor] = None  # (total,) int64 positions in the flattened (batch*q_len) grid; None = all
-    cu_seqlens: Optional[torch.Tensor] = None  # (n_seq + 1,) int32
+    cu_seqlens: Optional[torch.Tensor] = None  # (n_seq + 1,) int32, queries (and keys outside a cache)
     max_seqlen: int = 0
     total: int = 0
     segment_ids: Optional[torch.Tensor] = None  # (batch, q_len) int64, -1 on padding: for masked dense fallbacks
-    # cache: each row's valid keys are [cache_leftpad, cache_seqlens)
-    cache_seqlens: Optional[torch.Tensor] = None  # (batch,) int32
-    cache_leftpad: Optional[torch.Tensor] = None  # (batch,) int32, None = no left padding
+    # cache: each row's valid keys are [cache_leftpad, cache_seqlens); queries end at cache_seqlens
+    cache_seqlens: Optional[torch.Tensor] = None  # (batch,) int32 fill levels
+    cache_leftpad: Optional[torch.Tensor] = None  # (batch,) int32, None = not known to be one range
     key_mask: Optional[torch.Tensor] = None  # (batch, kv_len) bool, None = every key valid
     keys_contiguous: bool = True  # False: the mask has holes, only masked kernels can serve it
+    key_indices: Optional[torch.Tensor] = None  # (total_k,) positions in the (batch*kv_used) key grid
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    max_seqlen_k: int = 0
+    kv_used: Optional[int] = None  # key slots that can hold keys (fill level) where known on the host
     # how many host-device synchronisations building this layout cost (0 or 1)
     syncs: int = 0
 
@@ -124,31 +122,52 @@ def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch:
                   max_seqlen=int(max_seqlen), total=q_len, segment_ids=seq_index.view(1, q_len))
 
 
-def plan_with_cache(key_mask: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int,
+def plan_with_cache(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int,
                     device: torch.device) -> Layout:
-    """Queries are the q_len positions before the cache's fill level; keys are the cache.
+    """Queries are the q_len positions just before each row's fill level; keys are the cache.
 
-    ``key_mask`` is what autoflash's mask function produced: (batch, kv_len) bool, tagged
-    with the fill level when it differs from kv_len (a static cache's unused tail).
+    ``keys`` is what autoflash's mask function returned: None (every key valid), a
+    (batch,) int tensor of fill levels (a static cache without padding), or a
+    (batch, fill) bool key-padding mask whose width is the fill level. Slots at and past
+    the fill level (a static cache's unused tail) are never keys.
     """
-    if key_mask is None:
-        seqlens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
-        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens)
-    fill = getattr(key_mask, QUERY_END, kv_len)
-    seqlens = (fill.to(device) if isinstance(fill, torch.Tensor) else torch.tensor(fill, device=device))
-    seqlens = seqlens.to(torch.int32).reshape(-1).expand(batch).contiguous()
-    if getattr(key_mask, CONTIGUOUS_FROM_START, False):
-        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, key_mask=key_mask)
     arange = torch.arange(kv_len, device=device)
+    if keys is None:
+        return Layout("cache", batch, q_len, kv_len, kv_used=kv_len,
+                      cache_seqlens=torch.full((batch,), kv_len, dtype=torch.int32, device=device))
+    if keys.dim() == 1:
+        fills = keys.to(device=device, dtype=torch.int32)
+        key_mask = arange[None, :] < fills[:, None]
+        if q_len == 1:  # a decode step on a static cache: nothing to check, no sync
+            return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask)
+    else:
+        width = keys.shape[1]
+        fills = torch.full((batch,), width, dtype=torch.int32, device=device)
+        key_mask = torch.nn.functional.pad(keys.to(device=device, dtype=torch.bool), (0, kv_len - width))
+    valid = key_mask.sum(-1)
     leftpad = torch.where(key_mask, arange, kv_len).amin(dim=-1).to(torch.int32)
-    # valid keys must be exactly [leftpad, fill): left padding only, nothing masked after it
-    contiguous = ((key_mask.sum(-1) == seqlens - leftpad) & (leftpad < seqlens)).all()
-    # the one host-device synchronisation of this forward
-    if bool(contiguous):
-        return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, cache_leftpad=leftpad,
-                      key_mask=key_mask, syncs=1)
-    return Layout("cache", batch, q_len, kv_len, cache_seqlens=seqlens, key_mask=key_mask,
-                  keys_contiguous=False, syncs=1)
+    # valid keys must be exactly [leftpad, fill) in every row: left padding only
+    contiguous = ((valid == fills - leftpad) & (leftpad < fills)).all() & (fills.amax() == fills.amin())
+    if q_len == 1:
+        ok = bool(contiguous)  # the one host-device synchronisation of this forward
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, cache_leftpad=leftpad if ok else None,
+                      key_mask=key_mask, keys_contiguous=ok, syncs=1)
+    # q_len > 1 (prefill into a static cache, chunked prefill): also the unpadded form, for
+    # kernels that have no cache-aware entry point
+    q_pos = fills[:, None].long() - q_len + torch.arange(q_len, device=device)[None, :]
+    q_real = key_mask.gather(1, q_pos.clamp(min=0)) & (q_pos >= 0)
+    n_q = q_real.sum(-1)
+    ok, fill, total_q, total_k, max_q, max_k = torch.stack(
+        [contiguous.long(), fills.amax().long(), n_q.sum(), valid.sum(), n_q.amax(), valid.amax()]).tolist()
+    if not ok:
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask,
+                      keys_contiguous=False, syncs=1)
+    return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, cache_leftpad=leftpad, key_mask=key_mask,
+                  indices=_nonzero_1d(q_real.reshape(-1), total_q),
+                  cu_seqlens=torch.nn.functional.pad(n_q.cumsum(0), (1, 0)).to(torch.int32), max_seqlen=max_q,
+                  total=total_q, key_indices=_nonzero_1d(key_mask[:, :fill].reshape(-1), total_k),
+                  cu_seqlens_k=torch.nn.functional.pad(valid.cumsum(0), (1, 0)).to(torch.int32),
+                  max_seqlen_k=max_k, kv_used=fill, syncs=1)
 
 
 # -- one plan per forward ---------------------------------------------------------------------------
@@ -201,3 +220,10 @@ def pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     out = x.new_zeros(layout.batch * layout.q_len, h, d)
     out.index_copy_(0, layout.indices, x)
     return out.view(layout.batch, layout.q_len, h, d)
+
+
+def unpad_cache_keys(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(batch, kv_heads, kv_len, dim) cache -> (total_k, kv_heads, dim): each row's valid keys, for varlen kernels."""
+    b, h, _, d = x.shape
+    return x[:, :, :layout.kv_used].transpose(1, 2).reshape(b * layout.kv_used, h, d).index_select(
+        0, layout.key_indices)

@@ -39,6 +39,14 @@ def model_pair(seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
     return fast.to(device=device, dtype=dtype), eager.to(device=device, dtype=dtype)
 
 
+def cache_keyword(model) -> str:
+    """transformers renamed LlamaModel.forward's `past_key_values` to `cache` (5.2x); use whichever it takes."""
+    import inspect
+
+    parameters = inspect.signature(type(model.model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def padding_mask(lengths, side: str, device="cpu") -> torch.Tensor:
     width = max(lengths)
     mask = torch.zeros(len(lengths), width, dtype=torch.long, device=device)

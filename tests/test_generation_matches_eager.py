@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoflash import dispatch
-from conftest import model_pair, padding_mask
+from conftest import cache_keyword, model_pair, padding_mask
 
 
 def _prompts(lengths, seed):
@@ -46,8 +46,8 @@ def test_chunked_prefill_against_a_cache_matches_eager(backend):
         logits = []
         with torch.no_grad(), dispatch.forced(backend):
             for start, stop in ((0, 6), (6, 11), (11, 14)):
-                out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache,
-                            use_cache=True)
+                out = model(input_ids=ids[:, start:stop], attention_mask=mask[:, :stop], use_cache=True,
+                            **{cache_keyword(model): cache})
                 logits.append(out.logits)
         outputs[name] = torch.cat(logits, dim=1)
     real = mask.bool()

@@ -81,3 +81,22 @@ def test_plan_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
     assert len(calls) == 1
     fast(input_ids=ids, attention_mask=mask.clone())
     assert len(calls) == 2
+
+
+def test_static_cache_decode_step_with_fill_levels_needs_no_sync():
+    fills = torch.tensor([6, 6, 6], dtype=torch.int32)
+    plan = plan_with_cache(fills, 3, 1, 10, torch.device("cpu"))
+    assert plan.syncs == 0 and plan.keys_contiguous
+    assert plan.cache_seqlens.tolist() == [6, 6, 6]
+    assert plan.key_mask[:, 6:].any().item() is False
+
+
+def test_prefill_into_a_cache_also_gets_the_unpadded_form():
+    # width 6 of a 10-slot static cache; 4 new queries; rows left-padded by 1, 3 and 5
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    plan = plan_with_cache(mask, 3, 4, 10, torch.device("cpu"))
+    assert plan.syncs == 1 and plan.kv_used == 6
+    assert plan.cu_seqlens.tolist() == [0, 4, 7, 8]  # real queries per row: 4, 3, 1
+    assert plan.cu_seqlens_k.tolist() == [0, 5, 8, 9]  # valid keys per row: 5, 3, 1
+    assert plan.key_indices.tolist() == [1, 2, 3, 4, 5, 9, 10, 11, 17]
+    assert plan.indices.tolist() == [0, 1, 2, 3, 5, 6, 7, 11]

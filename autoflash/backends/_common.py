@@ -63,10 +63,9 @@ def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor |
     """(batch, q_len) bool, or None where every query is a real token."""
     if layout.kind == "varlen":
         return layout.segment_ids >= 0
-    if layout.kind == "cache" and layout.cache_leftpad is not None:
-        end = layout.cache_seqlens.long()
-        q_pos = end[:, None] - call.q_len + torch.arange(call.q_len, device=device)[None, :]
-        return q_pos >= layout.cache_leftpad.long()[:, None]
+    if layout.kind == "cache" and layout.key_mask is not None:
+        q_pos = layout.cache_seqlens.long()[:, None] - call.q_len + torch.arange(call.q_len, device=device)[None, :]
+        return layout.key_mask.gather(1, q_pos.clamp(min=0)) & (q_pos >= 0)
     return None
 
 

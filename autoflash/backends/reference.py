@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from autoflash.backends._common import repeat_kv
 from autoflash.call import AttentionCall
-from autoflash.layout import Layout, pad, unpad
+from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
 
 def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: bool) -> torch.Tensor:
@@ -65,7 +65,11 @@ class _Reference:
             cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * call.q_len
             out = varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), cu, cu, scale, call.causal)
             return out.view(b, call.q_len, call.num_heads, call.head_dim)
-        # cache: row r's keys are [leftpad, seqlen); its queries are the last q_len positions before seqlen
+        if call.q_len > 1:  # the unpadded form the torch backend's varlen kernel receives
+            out = varlen_reference(unpad(q, layout), unpad_cache_keys(k, layout), unpad_cache_keys(v, layout),
+                                   layout.cu_seqlens, layout.cu_seqlens_k, scale, call.causal)
+            return pad(out, layout)
+        # a decode step: row r's keys are [leftpad, seqlen), as flash_attn_with_kvcache reads them
         ends = layout.cache_seqlens.tolist()
         starts = layout.cache_leftpad.tolist() if layout.cache_leftpad is not None else [0] * b
         out = q.new_zeros(b, call.q_len, call.num_heads, call.head_dim)

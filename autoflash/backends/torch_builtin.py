@@ -8,6 +8,8 @@
 - batches without padding: SDPA restricted to its flash backend, with ``enable_gqa``.
 - one-token decode steps: SDPA (flash backend, or the memory-efficient one where a
   key-padding mask is needed) on queries folded per KV head, so K/V are never repeated.
+- a prefill of several tokens into a cache: the valid keys of each row are gathered and
+  run through the varlen kernel, whose causal mask is aligned bottom-right.
 
 cuDNN attention is left out on purpose: it builds a graph per new shape (50-60 ms each on
 an H100), which every new batch length or decode step would pay.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from autoflash.backends._common import (flash_hardware_reasons, fold_gqa_queries, repeat_kv,
                                         unfold_gqa_output)
 from autoflash.call import AttentionCall
-from autoflash.layout import Layout, pad, unpad
+from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
 
 class _TorchBuiltin:
@@ -61,9 +63,11 @@ class _TorchBuiltin:
             if call.dropout:
                 reasons.append(f"dropout={call.dropout} on a padded or packed batch (varlen_attn has no dropout)")
         if call.kind == "cache":
-            if call.q_len != 1:
-                reasons.append(f"q_len={call.q_len} against a kv cache (supported: 1; SDPA's flash causal mask "
-                               "is top-left aligned)")
+            if call.q_len > 1 and self._varlen is None:
+                reasons.append(f"q_len={call.q_len} against a kv cache with torch=={torch.__version__} "
+                               "(needs torch.nn.attention.varlen, >= 2.9)")
+            if call.q_len > 1 and not call.cache_keys_contiguous:
+                reasons.append("cached key mask with holes and q_len > 1 (supported: left padding only)")
             if call.needs_grad:
                 reasons.append("kv-cache call with gradients (supported: inference)")
         return reasons
@@ -79,6 +83,12 @@ class _TorchBuiltin:
         if layout.kind == "varlen":
             return pad(self._run_varlen(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout, call, scale),
                        layout)
+        if call.q_len > 1:
+            # prefill into a cache: gather the valid keys of each row, as varlen sequences whose
+            # causal mask is aligned bottom-right (the last query sees the last key)
+            out = self._run_varlen(unpad(q, layout), unpad_cache_keys(k, layout), unpad_cache_keys(v, layout),
+                                   layout, call, scale, cu_k=layout.cu_seqlens_k, max_k=layout.max_seqlen_k)
+            return pad(out, layout)
         q_folded = fold_gqa_queries(q, call.num_kv_heads)
         mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :]
         backends = [SDPBackend.EFFICIENT_ATTENTION] if mask is not None else [SDPBackend.FLASH_ATTENTION,
@@ -87,18 +97,20 @@ class _TorchBuiltin:
             out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, scale=scale)
         return unfold_gqa_output(out, call.num_heads)
 
-    def _run_varlen(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
+    def _run_varlen(self, q, k, v, layout: Layout, call: AttentionCall, scale: float, cu_k=None, max_k=None):
         fn, gqa = self._varlen
-        cu, n = layout.cu_seqlens, layout.max_seqlen
+        cu_q, max_q = layout.cu_seqlens, layout.max_seqlen
+        cu_k, max_k = (cu_q, max_q) if cu_k is None else (cu_k, max_k)
         if gqa == "op":
-            out = fn(q, k, v, cu, cu, n, n, call.causal, scale)
+            out = fn(q, k, v, cu_q, cu_k, max_q, max_k, call.causal, scale)
             return out[0] if isinstance(out, (tuple, list)) else out
         window = (-1, 0) if call.causal else (-1, -1)
         if gqa == "enable_gqa":
-            return fn(q, k, v, cu, cu, n, n, scale=scale, window_size=window, enable_gqa=call.gqa_ratio > 1)
+            return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window,
+                      enable_gqa=call.gqa_ratio > 1)
         groups = call.gqa_ratio
         k, v = (repeat_kv(x.transpose(0, 1).unsqueeze(0), groups).squeeze(0).transpose(0, 1) for x in (k, v))
-        return fn(q, k, v, cu, cu, n, n, scale=scale, window_size=window)
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window)
 
 
 TORCH = _TorchBuiltin()

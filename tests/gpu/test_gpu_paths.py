@@ -1,0 +1,184 @@
+"""Every GPU path in bf16 and fp16 against a float32 eager reference (skipped without CUDA).
+
+Run on the GPU machine, once without and once with the flash-attn wheel:
+
+    python -m pytest -q tests/gpu
+    pip install --no-deps --no-index .whl/flash_attn-*.whl && python -m pytest -q tests/gpu
+
+How a half-precision path is judged (../shared/FINDINGS.md item 5): transformers' own eager
+attention in bf16 is already ~1e-2 away from float32 on these models, so a path passes when
+its error against the float32 reference is below 1e-2 or at most twice the error of eager
+attention in the same dtype on the same case, plus 2e-3.
+"""
+
+import copy
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device here", allow_module_level=True)
+
+from autoflash import backends, dispatch
+from conftest import labels_for, model_pair, padding_mask, relative_error, train_step
+
+HALF = [torch.bfloat16, torch.float16]
+BACKENDS = ["auto", "torch", "sdpa"] + (["flash_attn"] if not backends.FLASH_ATTN.unavailable_reasons() else [])
+SHAPES = {  # head_dim 64 and 128, GQA 4:1 and 2:1
+    "hd64": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2),
+    "hd128": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2),
+}
+RESULTS = []
+
+
+def _within_floor(error, eager_error):
+    return error < 1e-2 or error <= 2 * eager_error + 2e-3
+
+
+def _models(shape, dtype, seed=0, **overrides):
+    """(autoflash in dtype, eager in dtype, eager in float32), same weights, on the GPU."""
+    fast, eager32 = model_pair(seed=seed, vocab_size=1000, device="cuda", **{**SHAPES[shape], **overrides})
+    eager_half = copy.deepcopy(eager32).to(dtype)
+    return fast.to(dtype), eager_half, eager32
+
+
+def _case(lengths, side, packed=False):
+    mask = padding_mask(lengths, side, device="cuda")
+    ids = torch.randint(3, 1000, mask.shape, device="cuda")
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 1]), ("left", [64, 255, 3, 200]),
+                                          ("right", [96, 96, 96])])
+def test_training_step_half_precision_matches_float32_eager(backend, dtype, shape, side, lengths):
+    fast, eager_half, eager32 = _models(shape, dtype, seed=len(lengths))
+    ids, mask = _case(lengths, side)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    with dispatch.forced(backend):
+        logits, grads = train_step(fast, **inputs)
+    used = dispatch.last_decisions.get("varlen") or dispatch.last_decisions.get("dense")
+    ref_logits, ref_grads = train_step(eager32, **inputs)
+    half_logits, half_grads = train_step(eager_half, **inputs)
+    real = mask.bool()
+    err = relative_error(logits[real].float(), ref_logits[real])
+    floor = relative_error(half_logits[real].float(), ref_logits[real])
+    gerr = max(relative_error(grads[n].float(), ref_grads[n]) for n in ref_grads)
+    gfloor = max(relative_error(half_grads[n].float(), ref_grads[n]) for n in ref_grads)
+    RESULTS.append((f"train {shape} {side} {str(dtype)[6:]}", used.backend, err, floor, gerr, gfloor))
+    assert torch.isfinite(logits).all()
+    if backend != "auto":
+        assert used.backend == backend
+    assert _within_floor(err, floor), f"logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
+    assert _within_floor(gerr, gfloor), f"gradients {gerr:.2e} vs eager-{dtype} floor {gfloor:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_packed_rows_with_padding_half_precision(backend, dtype):
+    fast, eager_half, eager32 = _models("hd128", dtype, seed=9)
+    lengths = [[70, 33, 1, 90], [120, 64]]
+    width = 200
+    ids = torch.randint(3, 1000, (2, width), device="cuda")
+    positions = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    singles = []
+    for row, row_lengths in enumerate(lengths):
+        start = 0
+        for n in row_lengths:
+            positions[row, start:start + n] = torch.arange(n, device="cuda")
+            mask[row, start:start + n] = 1
+            singles.append(ids[row, start:start + n])
+            start += n
+    with dispatch.forced(backend), torch.no_grad():
+        logits = fast(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    one_per_row = padding_mask([len(s) for s in singles], "right", device="cuda")
+    single_ids = torch.zeros_like(one_per_row)
+    for row, seq in enumerate(singles):
+        single_ids[row, :len(seq)] = seq
+    with torch.no_grad():
+        ref = eager32(input_ids=single_ids, attention_mask=one_per_row).logits
+        half = eager_half(input_ids=single_ids, attention_mask=one_per_row).logits
+    err = relative_error(logits[mask.bool()].float(), ref[one_per_row.bool()])
+    floor = relative_error(half[one_per_row.bool()].float(), ref[one_per_row.bool()])
+    RESULTS.append((f"packed hd128 {str(dtype)[6:]}", dispatch.last_decisions["varlen"].backend, err, floor,
+                    float("nan"), float("nan")))
+    assert _within_floor(err, floor), f"packed logits {err:.2e} vs floor {floor:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_greedy_generation_matches_eager_in_the_same_dtype(backend, cache, dtype):
+    # Weights ten times the default scale: a model with default random weights predicts a
+    # near-uniform distribution, whose argmax flips under any change of summation order
+    # (transformers' own sdpa against its eager, both bf16, agree for 10 tokens there).
+    fast, eager_half, _ = _models("hd128", dtype, seed=3, initializer_range=0.2)
+    fast.eval(), eager_half.eval()
+    lengths = [37, 5, 120, 64]
+    mask = padding_mask(lengths, "left", device="cuda")
+    ids = torch.randint(3, 1000, mask.shape, device="cuda").masked_fill(mask == 0, 0)
+    settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    if cache == "static":
+        settings["cache_implementation"] = "static"
+    with torch.no_grad():
+        with dispatch.forced(backend):
+            tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
+        reference = eager_half.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
+    same = (tokens == reference).all(dim=0).long().cumprod(0).sum().item()
+    used = dispatch.last_decisions["cache"].backend
+    RESULTS.append((f"generate {cache} {str(dtype)[6:]}", used, same, 24, float("nan"), float("nan")))
+    assert same >= 16, f"only the first {same} tokens agree with eager"
+
+
+def test_decode_step_makes_no_host_sync_and_training_forward_at_most_one():
+    fast, _, _ = _models("hd128", torch.bfloat16)
+    fast.eval()
+    from transformers import DynamicCache
+
+    from conftest import cache_keyword
+
+    ids = torch.randint(3, 1000, (4, 50), device="cuda")
+    cache = DynamicCache(config=fast.config)
+    with torch.no_grad():
+        fast(input_ids=ids, use_cache=True, **{cache_keyword(fast): cache})
+        torch.cuda.synchronize()
+        step = ids[:, -1:]
+        counts = {}
+        for label, kwargs in (("decode, no padding", dict(input_ids=step, use_cache=True,
+                                                          **{cache_keyword(fast): cache})),
+                              ("training forward, padded", dict(input_ids=ids,
+                                                                attention_mask=padding_mask([50, 7, 31, 49], "right",
+                                                                                            "cuda")))):
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    fast(**kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[label] = sum("synchronizing" in str(w.message) for w in caught)
+    RESULTS.append(("host syncs", str(counts), 0, 0, float("nan"), float("nan")))
+    if counts["decode, no padding"]:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                fast(input_ids=step, use_cache=True, **{cache_keyword(fast): cache})
+        except RuntimeError:
+            import traceback
+
+            print("\nwhere the decode step synchronises:\n" + traceback.format_exc())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert counts["decode, no padding"] == 0
+    assert counts["training forward, padded"] <= 1
+
+
+def test_print_summary():
+    print("\ncase                         backend     error     eager-floor  grad-error  grad-floor")
+    for case, backend, err, floor, gerr, gfloor in RESULTS:
+        print(f"{case:<28} {backend:<11} {err:<9.3g} {floor:<12.3g} {gerr:<11.3g} {gfloor:.3g}")
