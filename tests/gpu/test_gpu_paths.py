@@ -37,7 +37,7 @@ def _within_floor(error, eager_error):
 
 def _models(shape, dtype, seed=0, **overrides):
     """(autoflash in dtype, eager in dtype, eager in float32), same weights, on the GPU."""
-    fast, eager32 = model_pair(seed=seed, vocab_size=1000, device="cuda", **{**SHAPES[shape], **overrides})
+    fast, eager32 = model_pair(seed=seed, device="cuda", **{"vocab_size": 1000, **SHAPES[shape], **overrides})
     eager_half = copy.deepcopy(eager32).to(dtype)
     return fast.to(dtype), eager_half, eager32
 
@@ -112,14 +112,15 @@ def test_packed_rows_with_padding_half_precision(backend, dtype):
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_greedy_generation_matches_eager_in_the_same_dtype(backend, cache, dtype):
-    # Weights ten times the default scale: a model with default random weights predicts a
-    # near-uniform distribution, whose argmax flips under any change of summation order
-    # (transformers' own sdpa against its eager, both bf16, agree for 10 tokens there).
-    fast, eager_half, _ = _models("hd128", dtype, seed=3, initializer_range=0.2)
-    fast.eval(), eager_half.eval()
+    # A vocabulary of 128: a random model's next-token distribution is nearly flat, and over
+    # 1000 tokens the top two logits are so close that bf16 rounding alone flips the argmax
+    # within ~10 steps, whichever attention runs (measured: autoflash's sdpa and torch
+    # paths agreed with bf16 eager for exactly 10 tokens there, in bf16 only).
+    fast, eager_half, eager32 = _models("hd128", dtype, seed=3, vocab_size=128)
+    fast.eval(), eager_half.eval(), eager32.eval()
     lengths = [37, 5, 120, 64]
     mask = padding_mask(lengths, "left", device="cuda")
-    ids = torch.randint(3, 1000, mask.shape, device="cuda").masked_fill(mask == 0, 0)
+    ids = torch.randint(3, 128, mask.shape, device="cuda").masked_fill(mask == 0, 0)
     settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     if cache == "static":
         settings["cache_implementation"] = "static"
@@ -127,9 +128,12 @@ def test_greedy_generation_matches_eager_in_the_same_dtype(backend, cache, dtype
         with dispatch.forced(backend):
             tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
         reference = eager_half.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
+        full_precision = eager32.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
     same = (tokens == reference).all(dim=0).long().cumprod(0).sum().item()
+    control = (full_precision == reference).all(dim=0).long().cumprod(0).sum().item()
     used = dispatch.last_decisions["cache"].backend
-    RESULTS.append((f"generate {cache} {str(dtype)[6:]}", used, same, 24, float("nan"), float("nan")))
+    # error column: tokens agreeing with eager in the same dtype; floor column: float32 eager vs that eager
+    RESULTS.append((f"generate {cache} {str(dtype)[6:]}", used, same, control, float("nan"), float("nan")))
     assert same >= 16, f"only the first {same} tokens agree with eager"
 
 
@@ -144,8 +148,10 @@ def test_decode_step_makes_no_host_sync_and_training_forward_at_most_one():
     cache = DynamicCache(config=fast.config)
     with torch.no_grad():
         fast(input_ids=ids, use_cache=True, **{cache_keyword(fast): cache})
-        torch.cuda.synchronize()
         step = ids[:, -1:]
+        fast(input_ids=step, use_cache=True, **{cache_keyword(fast): cache})  # first-call costs stay out
+        fast(input_ids=ids, attention_mask=padding_mask([50, 7, 31, 49], "right", "cuda"))
+        torch.cuda.synchronize()
         counts = {}
         for label, kwargs in (("decode, no padding", dict(input_ids=step, use_cache=True,
                                                           **{cache_keyword(fast): cache})),

@@ -1,0 +1,509 @@
+"""autoflash against transformers' eager, sdpa and flash_attention_2, side by side.
+
+One process per workload (``python benchmarks/bench.py all`` spawns them); inside a
+workload every competitor runs in the same process, one after another, on the same model
+and the same data:
+
+    eager                 transformers' eager attention
+    sdpa                  transformers' own sdpa (autoflash switched off while the model is set up)
+    flash_attention_2     transformers' flash-attn integration (needs the flash-attn package)
+    autoflash             autoflash, every backend available (flash-attn first where installed)
+    autoflash-torch       autoflash with flash-attn hidden: PyTorch's built-in kernels only
+
+Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run on a CPU in CI):
+
+    w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
+    w1packed   the same tokens packed into one row through position_ids
+    w2         decode: batch 16, left-padded prompts U(64, 1024), 128 greedy tokens, dynamic and static cache
+    w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence
+    w4         longest single sequence (powers of two) that trains one step
+
+Prints a table per workload and writes ``OUT/<workload>.json`` and ``OUT/<workload>.png``.
+Nothing here is asserted: tests run ``--smoke`` only so that the script cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+COMPETITORS = ["eager", "sdpa", "flash_attention_2", "autoflash", "autoflash-torch"]
+WORKLOADS = ["w1", "w1packed", "w2", "w3", "w4"]
+
+
+# -- set-up --------------------------------------------------------------------------------------
+
+def sizes(smoke: bool) -> dict:
+    if smoke:
+        return dict(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=256, batch=3, min_len=4, max_len=24,
+                    steps=2, warmup=1, decode_batch=3, prompt_min=3, prompt_max=12, new_tokens=4,
+                    kernel_tokens=256, kernel_lengths=[64, 128], long_lengths=[64, 128], device="cpu",
+                    dtype=torch.float32)
+    return dict(hidden=4096, heads=32, kv_heads=8, mlp=14336, layers=4, vocab=32000, batch=8, min_len=128,
+                max_len=4096, steps=5, warmup=2, decode_batch=16, prompt_min=64, prompt_max=1024, new_tokens=128,
+                kernel_tokens=16384, kernel_lengths=[1024, 2048, 4096, 8192, 16384],
+                long_lengths=[4096, 8192, 16384, 32768, 65536, 131072], device="cuda", dtype=torch.bfloat16)
+
+
+def build_model(s):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], rope_theta=500000.0, max_position_embeddings=262144,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(s["device"]):
+        model = LlamaForCausalLM(config)
+    return model.to(s["dtype"])
+
+
+def available(competitor: str) -> str | None:
+    """None if the competitor can run here, else why not."""
+    if competitor == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"flash-attn not importable ({type(exc).__name__})"
+    return None
+
+
+@contextlib.contextmanager
+def competing_as(model, competitor: str):
+    """Set the model's attention for one competitor; restore autoflash's full backend list after."""
+    import autoflash
+    from autoflash import backends, dispatch
+
+    hidden = None
+    if competitor in ("sdpa", "flash_attention_2"):
+        autoflash.disable()  # transformers' own implementation, not autoflash's replacement of it
+        try:
+            model.set_attn_implementation(competitor)
+        finally:
+            autoflash.enable()
+    elif competitor == "eager":
+        model.set_attn_implementation("eager")
+    else:
+        model.set_attn_implementation("autoattn")
+        if competitor == "autoflash-torch":
+            hidden = backends.FLASH_ATTN.unavailable_reasons
+            backends.FLASH_ATTN.unavailable_reasons = lambda: ["hidden by the benchmark"]
+    dispatch.clear_cache()
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            backends.FLASH_ATTN.unavailable_reasons = hidden
+        dispatch.clear_cache()
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def reset_memory(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+_PEAK = {}
+
+
+def matmul_peak_tflops(device) -> float:
+    """Measured bf16 matmul rate on this GPU (8192^3), the MFU denominator."""
+    if device != "cuda":
+        return float("nan")
+    if "v" not in _PEAK:
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            a @ b
+        times = [timed(lambda: a @ b, "cuda") for _ in range(10)]
+        _PEAK["v"] = 2 * 8192**3 / statistics.median(times) / 1e12
+    return _PEAK["v"]
+
+
+# -- W1: training ----------------------------------------------------------------------------------
+
+def lengths_for(s, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(s["min_len"], s["max_len"] + 1, (s["batch"],), generator=generator).tolist()
+
+
+def padded_batch(s, lengths):
+    generator = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.randint(3, s["vocab"], (len(lengths), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {k: v.to(s["device"]) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+
+
+def packed_batch(s, lengths):
+    padded = padded_batch(s, lengths)
+    ids = torch.cat([padded["input_ids"][row, :n] for row, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(s["device"])
+    labels = ids.clone()
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    labels[0, starts.to(s["device"])] = -100
+    return dict(input_ids=ids, position_ids=positions, labels=labels)
+
+
+def train_flops(model, s, lengths):
+    per_token = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    attention = s["layers"] * 3 * 2 * s["heads"] * (s["hidden"] // s["heads"]) * sum(n * n for n in lengths)
+    return 6 * per_token * sum(lengths) + attention
+
+
+def run_training(s, packed: bool):
+    model = build_model(s)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s["device"] == "cuda")
+    lengths = lengths_for(s)
+    batch = packed_batch(s, lengths) if packed else padded_batch(s, lengths)
+    real_tokens = sum(lengths)
+    flops = train_flops(model, s, lengths)
+    peak = matmul_peak_tflops(s["device"])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch, use_cache=False).loss.backward()
+        optimizer.step()
+
+    rows = []
+    for competitor in COMPETITORS:
+        why = available(competitor)
+        if why:
+            rows.append(dict(competitor=competitor, skipped=why))
+            continue
+        with competing_as(model, competitor):
+            try:
+                for _ in range(s["warmup"]):
+                    step()
+                reset_memory(s["device"])
+                times = [timed(step, s["device"]) for _ in range(s["steps"])]
+                median = statistics.median(times)
+                rows.append(dict(competitor=competitor, step_ms=median * 1e3, tokens_per_s=real_tokens / median,
+                                 peak_gib=peak_gib(s["device"]), mfu=flops / median / 1e12 / peak,
+                                 backend=_backend_used()))
+            except Exception as exc:  # noqa: BLE001
+                if not is_oom(exc):
+                    raise
+                rows.append(dict(competitor=competitor, skipped="out of memory"))
+            reset_memory(s["device"])
+    return dict(lengths=lengths, real_tokens=real_tokens, padded_tokens=len(lengths) * max(lengths),
+                matmul_peak_tflops=peak, rows=rows)
+
+
+def _backend_used():
+    from autoflash import dispatch
+
+    return ",".join(sorted({f"{k}:{d.backend}" for k, d in dispatch.last_decisions.items()})) or "-"
+
+
+# -- W2: decoding ----------------------------------------------------------------------------------
+
+def run_decoding(s):
+    model = build_model(s).eval()
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(s["prompt_min"], s["prompt_max"] + 1, (s["decode_batch"],), generator=generator).tolist()
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    ids = torch.randint(3, s["vocab"], mask.shape, generator=generator).masked_fill(mask == 0, 0)
+    ids, mask = ids.to(s["device"]), mask.to(s["device"])
+    new = s["new_tokens"]
+    rows = []
+    for cache in ("dynamic", "static"):
+        settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        if cache == "static":
+            settings.update(cache_implementation="static", disable_compile=True)
+        for competitor in COMPETITORS:
+            why = available(competitor)
+            if why:
+                rows.append(dict(competitor=competitor, cache=cache, skipped=why))
+                continue
+            with competing_as(model, competitor), torch.no_grad():
+                try:
+                    cold = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), s["device"])
+                    times = [timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings),
+                                   s["device"]) for _ in range(2)]
+                    median = statistics.median(times)
+                    rows.append(dict(competitor=competitor, cache=cache, tokens_per_s=len(lengths) * new / median,
+                                     first_run_tokens_per_s=len(lengths) * new / cold, backend=_backend_used()))
+                except Exception as exc:  # noqa: BLE001
+                    if not is_oom(exc):
+                        raise
+                    rows.append(dict(competitor=competitor, cache=cache, skipped="out of memory"))
+            reset_memory(s["device"])
+    return dict(prompt_lengths=lengths, new_tokens=new, rows=rows)
+
+
+# -- W3: kernels alone -----------------------------------------------------------------------------
+
+def kernel_functions(device):
+    """name -> fn(q, k, v) on (batch, len, heads, dim) tensors, causal, GQA."""
+    import torch.nn.functional as F
+
+    fns = {}
+    try:
+        from flash_attn import flash_attn_func
+
+        fns["flash_attn FA2"] = lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+    def sdpa_with(backends):
+        from torch.nn.attention import sdpa_kernel
+
+        def fn(q, k, v):
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2)
+
+        return fn
+
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        fns["torch built-in (sdpa flash)"] = sdpa_with([SDPBackend.FLASH_ATTENTION])
+    fns["sdpa (default choice)"] = sdpa_with(None)
+    return fns
+
+
+def run_kernels(s):
+    device, dtype = s["device"], s["dtype"]
+    heads, kv_heads, dim = s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
+    peak = matmul_peak_tflops(device)
+    rows = []
+    for name, fn in kernel_functions(device).items():
+        for length in s["kernel_lengths"]:
+            batch = max(1, s["kernel_tokens"] // length)
+            q = torch.randn(batch, length, heads, dim, device=device, dtype=dtype, requires_grad=True)
+            k = torch.randn(batch, length, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+            v = torch.randn(batch, length, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(batch, length, heads, dim, device=device, dtype=dtype)
+            flops = 4 * batch * heads * dim * length * length / 2  # causal forward
+            try:
+                for _ in range(3):
+                    fn(q, k, v).backward(grad)
+                forward = statistics.median([timed(lambda: fn(q, k, v), device) for _ in range(10)])
+                both = statistics.median([timed(lambda: fn(q, k, v).backward(grad), device) for _ in range(10)])
+                rows.append(dict(kernel=name, length=length, batch=batch, fwd_tflops=flops / forward / 1e12,
+                                 fwd_bwd_tflops=3.5 * flops / both / 1e12))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(dict(kernel=name, length=length, skipped=f"{type(exc).__name__}: {str(exc)[:80]}"))
+    return dict(matmul_peak_tflops=peak, rows=rows)
+
+
+# -- W4: longest sequence --------------------------------------------------------------------------
+
+def run_long(s):
+    model = build_model(s)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)
+    rows = []
+    for competitor in COMPETITORS:
+        why = available(competitor)
+        if why:
+            rows.append(dict(competitor=competitor, skipped=why))
+            continue
+        longest, tried = 0, []
+        with competing_as(model, competitor):
+            for length in s["long_lengths"]:
+                ids = torch.randint(3, s["vocab"], (1, length), device=s["device"])
+                reset_memory(s["device"])
+                try:
+                    optimizer.zero_grad(set_to_none=True)
+                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                    optimizer.step()
+                    sync(s["device"])
+                    longest = length
+                    tried.append((length, round(peak_gib(s["device"]), 1)))
+                except Exception as exc:  # noqa: BLE001
+                    if not is_oom(exc):
+                        raise
+                    tried.append((length, "OOM"))
+                    break
+                finally:
+                    del ids
+                    optimizer.zero_grad(set_to_none=True)
+                    reset_memory(s["device"])
+        rows.append(dict(competitor=competitor, longest=longest, tried=tried))
+    return dict(rows=rows, memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30
+                if s["device"] == "cuda" else None)
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+def ratios(rows, key):
+    by = {r["competitor"]: r.get(key) for r in rows if key in r}
+    out = {}
+    for r in rows:
+        if key in r:
+            for base in ("flash_attention_2", "sdpa"):
+                if by.get(base):
+                    r[f"x_{base}"] = r[key] / by[base]
+    return out
+
+
+def table(workload, result) -> str:
+    lines = [f"== {workload} =="]
+    if workload in ("w1", "w1packed"):
+        ratios(result["rows"], "tokens_per_s")
+        lines.append(f"real tokens {result['real_tokens']}, padded grid {result['padded_tokens']}, "
+                     f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s")
+        lines.append(f"{'competitor':<18}{'tokens/s':>10}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}"
+                     f"{'x fa2':>7}{'x sdpa':>7}  backend")
+        for r in result["rows"]:
+            if "skipped" in r:
+                lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
+                continue
+            lines.append(f"{r['competitor']:<18}{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}"
+                         f"{r['mfu']:>7.1%}{r.get('x_flash_attention_2', float('nan')):>7.2f}"
+                         f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+    elif workload == "w2":
+        for cache in ("dynamic", "static"):
+            rows = [r for r in result["rows"] if r["cache"] == cache]
+            ratios(rows, "tokens_per_s")
+            lines.append(f"{cache} cache: {len(result['prompt_lengths'])} prompts, {result['new_tokens']} new tokens")
+            lines.append(f"{'competitor':<18}{'tokens/s':>10}{'first run':>10}{'x fa2':>7}{'x sdpa':>7}  backend")
+            for r in rows:
+                if "skipped" in r:
+                    lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
+                    continue
+                lines.append(f"{r['competitor']:<18}{r['tokens_per_s']:>10.0f}{r['first_run_tokens_per_s']:>10.0f}"
+                             f"{r.get('x_flash_attention_2', float('nan')):>7.2f}"
+                             f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+    elif workload == "w3":
+        lines.append(f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s; TFLOP/s forward / forward+backward")
+        lines.append(f"{'kernel':<30}" + "".join(f"{r['length']:>14}" for r in result["rows"]
+                                                  if r["kernel"] == result["rows"][0]["kernel"]))
+        for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
+            cells = []
+            for r in result["rows"]:
+                if r["kernel"] == kernel:
+                    cells.append("skipped" if "skipped" in r else f"{r['fwd_tflops']:.0f}/{r['fwd_bwd_tflops']:.0f}")
+            lines.append(f"{kernel:<30}" + "".join(f"{c:>14}" for c in cells))
+    else:
+        lines.append(f"{'competitor':<18}{'longest':>10}  tried (length, peak GiB)")
+        for r in result["rows"]:
+            lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}" if "skipped" in r else
+                         f"{r['competitor']:<18}{r['longest']:>10}  {r['tried']}")
+    return "\n".join(lines)
+
+
+def plot(workload, result, path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(matplotlib not installed: no plot)"
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if workload == "w3":
+        for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
+            rows = [r for r in result["rows"] if r["kernel"] == kernel and "skipped" not in r]
+            ax.plot([r["length"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], marker="o", label=kernel)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s, forward+backward")
+        ax.legend()
+    else:
+        key = {"w4": "longest"}.get(workload, "tokens_per_s")
+        rows = [r for r in result["rows"] if "skipped" not in r]
+        labels = [r["competitor"] + (f"\n{r['cache']}" if "cache" in r else "") for r in rows]
+        ax.bar(labels, [r[key] for r in rows])
+        ax.set_ylabel({"longest": "longest sequence trained", "tokens_per_s": "tokens/s"}[key])
+        ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(workload)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def run_one(workload: str, smoke: bool, out: Path) -> None:
+    import autoflash
+
+    if not autoflash.enable():
+        raise SystemExit("autoflash is not active; run `autoflash doctor`")
+    s = sizes(smoke)
+    if s["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke on a CPU")
+    result = {"w1": lambda: run_training(s, packed=False), "w1packed": lambda: run_training(s, packed=True),
+              "w2": lambda: run_decoding(s), "w3": lambda: run_kernels(s), "w4": lambda: run_long(s)}[workload]()
+    result["environment"] = environment(s)
+    text = table(workload, result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{workload}.json").write_text(json.dumps(result, indent=1, default=str))
+    print(text)
+    print(plot(workload, result, out / f"{workload}.png"))
+
+
+def environment(s) -> dict:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"gpu": torch.cuda.get_device_name(0) if s["device"] == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": version("transformers"), "flash-attn": version("flash-attn") or version("flash_attn"),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=WORKLOADS + ["all"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+    if args.workload != "all":
+        run_one(args.workload, args.smoke, args.out)
+        return 0
+    failed = []
+    for workload in WORKLOADS:  # one process each: no allocator state or compiled graph carries over
+        command = [sys.executable, __file__, workload, "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
+        if subprocess.run(command).returncode:
+            failed.append(workload)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

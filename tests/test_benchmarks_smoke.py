@@ -1,0 +1,21 @@
+"""The benchmark script runs end to end (tiny sizes, CPU), so it cannot rot. No speed is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def test_every_workload_runs_in_smoke_mode_and_writes_json(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH), "all", "--smoke", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for workload in ("w1", "w1packed", "w2", "w3", "w4"):
+        data = json.loads((tmp_path / f"{workload}.json").read_text())
+        assert data["rows"], workload
+        assert f"== {workload} ==" in result.stdout
+    w1 = json.loads((tmp_path / "w1.json").read_text())
+    ran = {r["competitor"] for r in w1["rows"] if "skipped" not in r}
+    assert {"eager", "sdpa", "autoflash", "autoflash-torch"} <= ran
