@@ -42,11 +42,12 @@ class Layout:
     max_seqlen: int = 0
     total: int = 0
     segment_ids: Optional[torch.Tensor] = None  # (batch, q_len) int64, -1 on padding: for masked dense fallbacks
+    left_padded: bool = False  # some row starts with padding
     # cache: each row's valid keys are [cache_leftpad, cache_seqlens); queries end at cache_seqlens
     cache_seqlens: Optional[torch.Tensor] = None  # (batch,) int32 fill levels
     cache_leftpad: Optional[torch.Tensor] = None  # (batch,) int32, None = not known to be one range
     key_mask: Optional[torch.Tensor] = None  # (batch, kv_len) bool, None = every key valid
-    keys_contiguous: bool = True  # False: the mask has holes, only masked kernels can serve it
+    keys_contiguous: bool = True  # False: not known to be one range per row; only masked kernels serve it
     key_indices: Optional[torch.Tensor] = None  # (total_k,) positions in the (batch*kv_used) key grid
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_k: int = 0
@@ -97,16 +98,17 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     slot = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, n_cells))
     lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
         0, slot, torch.ones_like(slot))[:n_cells]
-    total_t, n_seq_t, max_t = flat_real.sum(), flat_starts.sum(), lengths.max()
-    # the one host-device synchronisation of this forward: three scalars at once
-    total, n_seq, max_seqlen = torch.stack([total_t, n_seq_t, max_t]).tolist()
+    left_t = ((~real[:, 0]) & real.any(dim=1)).any()
+    # the one host-device synchronisation of this forward: four scalars at once
+    total, n_seq, max_seqlen, left = torch.stack([flat_real.sum(), flat_starts.sum(), lengths.max(),
+                                                  left_t.long()]).tolist()
     if total == n_cells and n_seq == batch:
         return Layout("dense", batch, q_len, q_len, syncs=1)
     cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
     indices = _nonzero_1d(flat_real, total)
     segment_ids = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
     return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, syncs=1)
+                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1)
 
 
 def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, q_len: int) -> Layout:
@@ -144,14 +146,16 @@ def plan_with_cache(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len
         width = keys.shape[1]
         fills = torch.full((batch,), width, dtype=torch.int32, device=device)
         key_mask = torch.nn.functional.pad(keys.to(device=device, dtype=torch.bool), (0, kv_len - width))
+    if q_len == 1:
+        # A decode step with a padding mask. Checking that the mask is plain left padding
+        # (what flash_attn_with_kvcache's cache_leftpad can express) would cost a host sync on
+        # every step, which stalls the CPU's kernel launches; masked kernels take any mask.
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask,
+                      keys_contiguous=False)
     valid = key_mask.sum(-1)
     leftpad = torch.where(key_mask, arange, kv_len).amin(dim=-1).to(torch.int32)
     # valid keys must be exactly [leftpad, fill) in every row: left padding only
     contiguous = ((valid == fills - leftpad) & (leftpad < fills)).all() & (fills.amax() == fills.amin())
-    if q_len == 1:
-        ok = bool(contiguous)  # the one host-device synchronisation of this forward
-        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, cache_leftpad=leftpad if ok else None,
-                      key_mask=key_mask, keys_contiguous=ok, syncs=1)
     # q_len > 1 (prefill into a static cache, chunked prefill): also the unpadded form, for
     # kernels that have no cache-aware entry point
     q_pos = fills[:, None].long() - q_len + torch.arange(q_len, device=device)[None, :]

@@ -45,19 +45,26 @@ def test_unpad_then_pad_restores_real_tokens_and_zeros_padding():
     assert torch.count_nonzero(back[~mask]) == 0
 
 
-def test_left_padded_cache_is_one_range_per_row():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
-    plan = plan_with_cache(mask, 3, 1, 5, torch.device("cpu"))
+def test_left_padded_prefill_into_a_cache_is_one_range_per_row():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    plan = plan_with_cache(mask, 3, 2, 8, torch.device("cpu"))
     assert plan.keys_contiguous and plan.syncs == 1
-    assert plan.cache_leftpad.tolist() == [2, 0, 4]
+    assert plan.cache_leftpad.tolist() == [2, 0, 3]
     assert plan.cache_seqlens.tolist() == [5, 5, 5]
 
 
 def test_a_cache_mask_with_holes_is_marked_for_masked_kernels_only():
     mask = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    assert not plan_with_cache(mask, 2, 1, 4, torch.device("cpu")).keys_contiguous
+    assert not plan_with_cache(mask, 2, 2, 4, torch.device("cpu")).keys_contiguous
     right_padded = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert not plan_with_cache(right_padded, 2, 1, 4, torch.device("cpu")).keys_contiguous
+    assert not plan_with_cache(right_padded, 2, 2, 4, torch.device("cpu")).keys_contiguous
+
+
+def test_decode_step_with_a_padding_mask_needs_no_sync_and_goes_to_masked_kernels():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    plan = plan_with_cache(mask, 2, 1, 5, torch.device("cpu"))
+    assert plan.syncs == 0 and not plan.keys_contiguous
+    assert torch.equal(plan.key_mask, mask)
 
 
 def test_cache_without_mask_needs_no_sync():
@@ -75,6 +82,7 @@ def test_plan_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
 
     monkeypatch.setattr(layout_module, "plan_without_cache", counting)
     fast, _ = model_pair(seed=1, num_hidden_layers=4)
+    fast.eval()  # the per-layer path: a training forward unpads the whole stack once instead
     mask = padding_mask([5, 2, 4], "right")
     ids = torch.randint(3, 97, mask.shape)
     fast(input_ids=ids, attention_mask=mask)

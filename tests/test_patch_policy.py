@@ -77,8 +77,10 @@ def test_disable_restores_every_original_object_and_enable_patches_again(llama):
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
+    wrapped_forward = llama.LlamaModel.forward
     autoflash.disable()
     try:
+        assert llama.LlamaModel.forward is wrapped_forward.__wrapped__
         assert hooks.patched_modules() == []
         assert ATTENTION_NAME not in AttentionInterface._global_mapping
         assert ATTENTION_NAME not in AttentionMaskInterface._global_mapping
@@ -95,7 +97,8 @@ def test_disable_restores_every_original_object_and_enable_patches_again(llama):
 def test_patch_records_what_it_replaced(llama):
     patch = hooks._applied[llama.__name__]
     assert [where for where, _ in patch.replaced] == [
-        f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation"]
+        f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
+        "LlamaModel.forward"]
 
 
 def test_unknown_transformers_layout_is_left_unpatched_with_one_warning(caplog):
@@ -109,6 +112,7 @@ def test_unknown_transformers_layout_is_left_unpatched_with_one_warning(caplog):
 
     assert f"does not recognise transformers {transformers.__version__}" in warnings[0]
     assert "no LlamaPreTrainedModel" in warnings[0] and "report" in warnings[0]
+    assert "no LlamaModel" not in warnings[0]
 
 
 def test_seed_api_aliases_enable(llama):

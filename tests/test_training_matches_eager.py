@@ -13,6 +13,14 @@ from conftest import (FLOAT32_RTOL, labels_for, model_pair, padding_mask, relati
                       worst_gradient_error)
 
 BACKENDS = ["auto", "reference"]
+# "whole": a training forward packs the real tokens of the whole decoder stack into one row
+# (autoflash.unpad_model); "per-layer": an evaluation forward with a cache unpads inside
+# attention only. Both must equal eager.
+STACKS = ["whole", "per-layer"]
+
+
+def _set_stack(model, stack):
+    model.train(stack == "whole")
 
 
 def _assert_matches(fast, eager, backend, real, **inputs):
@@ -24,21 +32,25 @@ def _assert_matches(fast, eager, backend, real, **inputs):
     assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("lengths", [[7, 3, 1, 5], [1, 1], [16, 9, 12], [33, 2, 20, 1, 17]])
-def test_padded_batch_matches_eager(backend, side, lengths):
+def test_padded_batch_matches_eager(stack, backend, side, lengths):
     fast, eager = model_pair(seed=len(lengths))
+    _set_stack(fast, stack)
     mask = padding_mask(lengths, side)
     ids = torch.randint(3, 97, mask.shape)
     _assert_matches(fast, eager, backend, mask.bool(), input_ids=ids, attention_mask=mask,
                     labels=labels_for(ids, mask))
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_batch_without_padding_matches_eager(backend, with_mask):
+def test_batch_without_padding_matches_eager(stack, backend, with_mask):
     fast, eager = model_pair(seed=3)
+    _set_stack(fast, stack)
     ids = torch.randint(3, 97, (3, 11))
     extra = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
     _assert_matches(fast, eager, backend, torch.ones_like(ids, dtype=torch.bool), input_ids=ids, labels=ids,
@@ -56,3 +68,18 @@ def test_random_seeds_and_gqa_ratios_match_eager(seed):
     ids = torch.randint(3, 97, mask.shape, generator=generator)
     _assert_matches(fast, eager, "reference", mask.bool(), input_ids=ids, attention_mask=mask,
                     labels=labels_for(ids, mask))
+
+
+def test_padded_training_forward_runs_the_layers_on_real_tokens_only():
+    fast, _ = model_pair(seed=2)
+    shapes = []
+    fast.model.layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    mask = padding_mask([9, 4, 1], "left")
+    ids = torch.randint(3, 97, mask.shape)
+    out = fast(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    assert shapes == [(1, 14, 64)]
+    assert out.logits.shape == (3, 9, 97)
+    fast.eval()
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)
+    assert shapes[-1] == (3, 9, 64)  # an evaluation forward with a cache keeps the padded layout

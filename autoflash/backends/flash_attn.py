@@ -67,7 +67,8 @@ class _FlashAttn:
             if call.dropout:
                 reasons.append(f"dropout={call.dropout} with a kv cache (supported: 0)")
             if not call.cache_keys_contiguous:
-                reasons.append("cached key mask with holes (supported: left padding only)")
+                reasons.append("kv cache with a padding mask not known to be left padding only "
+                               "(checked only where it costs no extra host sync: prefill, not decode steps)")
             if call.left_padded_cache and not self._has_cache_leftpad:
                 reasons.append(f"left-padded cache with flash-attn {self.version()} (needs >= 2.6 for cache_leftpad)")
         return reasons

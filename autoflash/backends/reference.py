@@ -52,8 +52,8 @@ class _Reference:
 
     def reasons_not_supported(self, call: AttentionCall) -> List[str]:
         reasons = [f"dropout={call.dropout} (supported: 0)"] if call.dropout else []
-        if not call.cache_keys_contiguous:
-            reasons.append("cached key mask with holes (supported: left padding only)")
+        if not call.cache_keys_contiguous and call.q_len > 1:
+            reasons.append("cached key mask with holes and q_len > 1 (supported: left padding only)")
         return reasons
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
@@ -69,18 +69,19 @@ class _Reference:
             out = varlen_reference(unpad(q, layout), unpad_cache_keys(k, layout), unpad_cache_keys(v, layout),
                                    layout.cu_seqlens, layout.cu_seqlens_k, scale, call.causal)
             return pad(out, layout)
-        # a decode step: row r's keys are [leftpad, seqlen), as flash_attn_with_kvcache reads them
-        ends = layout.cache_seqlens.tolist()
-        starts = layout.cache_leftpad.tolist() if layout.cache_leftpad is not None else [0] * b
-        out = q.new_zeros(b, call.q_len, call.num_heads, call.head_dim)
+        # a decode step: each row's query is the last position before its fill level and sees
+        # every valid key before it (any mask pattern)
+        out = q.new_zeros(b, 1, call.num_heads, call.head_dim)
         for r in range(b):
-            first_real_q = max(0, starts[r] - (ends[r] - call.q_len))  # queries inside the left padding stay zero
-            qr = q[r:r + 1, :, first_real_q:].transpose(1, 2)[0]
-            kr = k[r:r + 1, :, starts[r]:ends[r]].transpose(1, 2)[0]
-            vr = v[r:r + 1, :, starts[r]:ends[r]].transpose(1, 2)[0]
-            cu_q = torch.tensor([0, qr.shape[0]], dtype=torch.int32)
-            cu_k = torch.tensor([0, kr.shape[0]], dtype=torch.int32)
-            out[r, first_real_q:] = varlen_reference(qr, kr, vr, cu_q, cu_k, scale, call.causal)
+            fill = int(layout.cache_seqlens[r])
+            valid = torch.ones(fill, dtype=torch.bool, device=q.device) if layout.key_mask is None else \
+                layout.key_mask[r, :fill]
+            if not bool(valid[-1]):
+                continue  # a padded query stays zero
+            keys, values = (x[r, :, :fill][:, valid].transpose(0, 1) for x in (k, v))
+            cu_q = torch.tensor([0, 1], dtype=torch.int32)
+            cu_k = torch.tensor([0, keys.shape[0]], dtype=torch.int32)
+            out[r] = varlen_reference(q[r, :, -1:].transpose(0, 1), keys, values, cu_q, cu_k, scale, call.causal)
         return out
 
 

@@ -11,13 +11,18 @@ What it relies on in transformers:
   attribute ``_global_mapping`` (``register`` writes there);
 - ``PreTrainedModel._check_and_adjust_attn_implementation(attn_implementation, ...)``
   is where a model's constructor, ``from_pretrained`` and ``set_attn_implementation``
-  turn the requested name into the one stored on the config.
+  turn the requested name into the one stored on the config;
+- ``LlamaModel.forward(input_ids, attention_mask, position_ids, ..., **kwargs)`` passes
+  ``cu_seq_lens_q/k`` and ``max_length_q/k`` through to the attention function, which
+  is how padding removal for the whole stack (``autoflash.unpad_model``) hands over the
+  sequence boundaries it computed.
 """
 
 from __future__ import annotations
 
 from typing import List
 
+from autoflash import unpad_model
 from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
 from autoflash.patches.base import Patch
 
@@ -32,6 +37,8 @@ def missing(module) -> List[str]:
         from transformers.modeling_utils import AttentionInterface  # noqa: F401
     except ImportError as exc:
         gaps.append(f"no AttentionInterface/AttentionMaskInterface ({exc})")
+    if not hasattr(module, "LlamaModel"):
+        gaps.append("no LlamaModel")
     base = getattr(module, "LlamaPreTrainedModel", None)
     if base is None:
         gaps.append("no LlamaPreTrainedModel")
@@ -58,6 +65,7 @@ def apply(module) -> Patch:
 
         _check_and_adjust_attn_implementation.__wrapped__ = original
         patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
+        patch.set_attribute(module.LlamaModel, "forward", unpad_model.wrap(module.LlamaModel.forward, ATTENTION_NAME))
     except BaseException:
         patch.undo()
         raise
