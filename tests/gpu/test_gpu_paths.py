@@ -124,64 +124,107 @@ def test_greedy_generation_matches_eager_in_the_same_dtype(backend, cache, dtype
     settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     if cache == "static":
         settings["cache_implementation"] = "static"
+    width = mask.shape[1]
     with torch.no_grad():
         with dispatch.forced(backend):
-            tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
-        reference = eager_half.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
-        full_precision = eager32.generate(input_ids=ids, attention_mask=mask, **settings)[:, mask.shape[1]:]
-    same = (tokens == reference).all(dim=0).long().cumprod(0).sum().item()
-    control = (full_precision == reference).all(dim=0).long().cumprod(0).sum().item()
+            tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, width:]
+        reference = eager_half.generate(input_ids=ids, attention_mask=mask, output_scores=True,
+                                        return_dict_in_generate=True, **settings)
+        full_precision = eager32.generate(input_ids=ids, attention_mask=mask, **settings)[:, width:]
+    expected = reference.sequences[:, width:]
+    same = (tokens == expected).all(dim=0).long().cumprod(0).sum().item()
+    control = (full_precision == expected).all(dim=0).long().cumprod(0).sum().item()
     used = dispatch.last_decisions["cache"].backend
     # error column: tokens agreeing with eager in the same dtype; floor column: float32 eager vs that eager
     RESULTS.append((f"generate {cache} {str(dtype)[6:]}", used, same, control, float("nan"), float("nan")))
-    assert same >= 16, f"only the first {same} tokens agree with eager"
+    if same >= 16:
+        return
+    # Diverging earlier is acceptable only at a near-tie: where eager's own scores put autoflash's
+    # token within bf16 rounding of eager's (logits carry ~1e-2 relative error in bf16, FINDINGS.md item 5).
+    scores = reference.scores[same].float()
+    for row in torch.nonzero(tokens[:, same] != expected[:, same]).flatten().tolist():
+        margin = (scores[row, expected[row, same]] - scores[row, tokens[row, same]]).item()
+        scale = scores[row][torch.isfinite(scores[row])].pow(2).mean().sqrt().item()
+        assert margin <= 4e-2 * scale, (f"token {same} of row {row} differs from eager's, which was ahead by "
+                                        f"{margin:.3g} (logit scale {scale:.3g}): not a near-tie")
 
 
-def test_decode_step_makes_no_host_sync_and_training_forward_at_most_one():
-    fast, _, _ = _models("hd128", torch.bfloat16)
-    fast.eval()
+def _count_syncs(fn):
+    """Host-device synchronisations one call makes (torch's sync debug mode warns on each)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _where_it_syncs(fn):
+    import traceback
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fn()
+    except Exception:  # noqa: BLE001 - a diagnostic for the failure message
+        return traceback.format_exc()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "(no sync on this repeat)"
+
+
+def test_decode_steps_make_no_host_sync_and_a_padded_forward_at_most_one():
     from transformers import DynamicCache
 
     from conftest import cache_keyword
 
+    fast, _, _ = _models("hd128", torch.bfloat16)
     ids = torch.randint(3, 1000, (4, 50), device="cuda")
-    cache = DynamicCache(config=fast.config)
+    left = padding_mask([50, 7, 31, 49], "left", "cuda")
+    right = padding_mask([50, 7, 31, 49], "right", "cuda")
+    caches = {name: DynamicCache(config=fast.config) for name in ("plain", "padded")}
+    step = ids[:, -1:]
+    one = torch.ones(4, 1, dtype=left.dtype, device="cuda")
+
+    def decode(name, mask):
+        with torch.no_grad():
+            fast.eval()
+            return fast(input_ids=step, attention_mask=mask, use_cache=True, **{cache_keyword(fast): caches[name]})
+
+    def train_forward():
+        fast.train()
+        fast(input_ids=ids, attention_mask=right, labels=ids.masked_fill(right == 0, -100))
+
+    def eval_forward():
+        with torch.no_grad():
+            fast.eval()
+            fast(input_ids=ids, attention_mask=right)
+
     with torch.no_grad():
-        fast(input_ids=ids, use_cache=True, **{cache_keyword(fast): cache})
-        step = ids[:, -1:]
-        fast(input_ids=step, use_cache=True, **{cache_keyword(fast): cache})  # first-call costs stay out
-        fast(input_ids=ids, attention_mask=padding_mask([50, 7, 31, 49], "right", "cuda"))
-        torch.cuda.synchronize()
-        counts = {}
-        for label, kwargs in (("decode, no padding", dict(input_ids=step, use_cache=True,
-                                                          **{cache_keyword(fast): cache})),
-                              ("training forward, padded", dict(input_ids=ids,
-                                                                attention_mask=padding_mask([50, 7, 31, 49], "right",
-                                                                                            "cuda")))):
-            import warnings
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    fast(**kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            counts[label] = sum("synchronizing" in str(w.message) for w in caught)
+        fast.eval()
+        fast(input_ids=ids, use_cache=True, **{cache_keyword(fast): caches["plain"]})
+        fast(input_ids=ids, attention_mask=left, use_cache=True, **{cache_keyword(fast): caches["padded"]})
+    masks = {"plain": None, "padded": torch.cat([left, one], dim=1)}
+    decode("plain", None), decode("padded", masks["padded"])  # first-call costs stay out of the count
+    masks["padded"] = torch.cat([masks["padded"], one], dim=1)
+    train_forward(), eval_forward()
+    torch.cuda.synchronize()
+    counts = {"decode step, no padding": _count_syncs(lambda: decode("plain", None)),
+              "decode step, left padding": _count_syncs(lambda: decode("padded", masks["padded"])),
+              "training forward, right padding": _count_syncs(train_forward),
+              "evaluation forward, right padding": _count_syncs(eval_forward)}
     RESULTS.append(("host syncs", str(counts), 0, 0, float("nan"), float("nan")))
-    if counts["decode, no padding"]:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.no_grad():
-                fast(input_ids=step, use_cache=True, **{cache_keyword(fast): cache})
-        except RuntimeError:
-            import traceback
-
-            print("\nwhere the decode step synchronises:\n" + traceback.format_exc())
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert counts["decode, no padding"] == 0
-    assert counts["training forward, padded"] <= 1
+    where = "" if not counts["decode step, no padding"] else _where_it_syncs(lambda: decode("plain", None))
+    assert counts["decode step, no padding"] == 0, where
+    assert counts["decode step, left padding"] == 0
+    assert counts["training forward, right padding"] <= 1
+    assert counts["evaluation forward, right padding"] <= 1
 
 
 def test_print_summary():
