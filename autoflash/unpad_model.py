@@ -94,7 +94,11 @@ def _packed_forward(original, module, input_ids, attention_mask, position_ids, k
         _once("cache", 20, "autoflash: a padded training forward builds no KV cache (padding removal packs the batch)")
     kwargs.update(use_cache=False, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                   max_length_k=max_seqlen)
-    out = original(module, pack(input_ids) if input_ids is not None else None, None, pack(positions),
+    packed_positions = pack(positions)
+    # An all-ones mask: without one, transformers would search the packed position ids for
+    # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
+    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device)
+    out = original(module, pack(input_ids) if input_ids is not None else None, no_padding, packed_positions,
                    inputs_embeds=pack(inputs_embeds) if inputs_embeds is not None else None, **kwargs)
     hidden = out[0][0]  # (total, hidden)
     if take is None:

@@ -128,6 +128,8 @@ def test_greedy_generation_matches_eager_in_the_same_dtype(backend, cache, dtype
     if cache == "static":
         settings["cache_implementation"] = "static"
     width = mask.shape[1]
+    if backend == "flash_attn":
+        mask = None  # no padding: transformers 5.1x would otherwise pass an all-ones mask along
     with torch.no_grad():
         with dispatch.forced(backend):
             tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, width:]
@@ -163,7 +165,8 @@ def _syncs(fn):
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    hits = [w for w in caught if "synchroniz" in str(w.message)]
+    # (torch also warns, once, that the debug mode is a prototype: not a sync)
+    hits = [w for w in caught if "called a synchronizing" in str(w.message)]
     return len(hits), "; ".join(f"{w.filename}:{w.lineno} {str(w.message)[:60]}" for w in hits)
 
 
