@@ -53,3 +53,40 @@ def test_chunked_prefill_against_a_cache_matches_eager(backend):
     real = mask.bool()
     diff = (outputs["fast"] - outputs["eager"])[real].abs().max() / outputs["eager"][real].abs().max()
     assert diff < 1e-5
+
+
+def greedy_loop(model, ids, steps, cache):
+    """Prefill, then one-token steps with no attention mask at all: the kv-cache kernels' own path.
+
+    Returns (tokens (batch, steps), the next-token logits of each step).
+    """
+    keyword = cache_keyword(model)
+    out = model(input_ids=ids, use_cache=True, **{keyword: cache})
+    scores = [out.logits[:, -1].float()]
+    tokens = [scores[-1].argmax(-1, keepdim=True)]
+    for _ in range(steps - 1):
+        out = model(input_ids=tokens[-1], use_cache=True, **{keyword: cache})
+        scores.append(out.logits[:, -1].float())
+        tokens.append(scores[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), scores
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_unpadded_greedy_loop_without_masks_matches_eager(backend, cache):
+    from transformers import DynamicCache, StaticCache
+
+    fast, eager = model_pair(seed=13)
+    fast.eval(), eager.eval()
+    ids = torch.randint(3, 97, (3, 9))
+
+    def new_cache(model):
+        if cache == "dynamic":
+            return DynamicCache(config=model.config)
+        return StaticCache(config=model.config, max_cache_len=32)
+
+    with torch.no_grad():
+        with dispatch.forced(backend):
+            tokens, _ = greedy_loop(fast, ids, 16, new_cache(fast))
+        reference, _ = greedy_loop(eager, ids, 16, new_cache(eager))
+    assert torch.equal(tokens, reference)
