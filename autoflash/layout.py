@@ -105,7 +105,8 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     if total == n_cells and n_seq == batch:
         return Layout("dense", batch, q_len, q_len, syncs=1)
     cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
-    indices = _nonzero_1d(flat_real, total)
+    # packed rows without padding need no gather: every token is real, in place
+    indices = None if total == n_cells else _nonzero_1d(flat_real, total)
     segment_ids = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
     return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
                   max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1)

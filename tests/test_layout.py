@@ -108,3 +108,12 @@ def test_prefill_into_a_cache_also_gets_the_unpadded_form():
     assert plan.cu_seqlens_k.tolist() == [0, 5, 8, 9]  # valid keys per row: 5, 3, 1
     assert plan.key_indices.tolist() == [1, 2, 3, 4, 5, 9, 10, 11, 17]
     assert plan.indices.tolist() == [0, 1, 2, 3, 5, 6, 7, 11]
+
+
+def test_packed_row_without_padding_needs_no_gather():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    plan = plan_without_cache(None, positions, 1, 9, torch.device("cpu"))
+    assert plan.kind == "varlen" and plan.indices is None
+    assert plan.cu_seqlens.tolist() == [0, 3, 5, 9]
+    x = torch.randn(1, 2, 9, 4)
+    assert unpad(x, plan).data_ptr() == x.data_ptr() or torch.equal(unpad(x, plan), x.transpose(1, 2)[0])
