@@ -116,4 +116,4 @@ def test_packed_row_without_padding_needs_no_gather():
     assert plan.kind == "varlen" and plan.indices is None
     assert plan.cu_seqlens.tolist() == [0, 3, 5, 9]
     x = torch.randn(1, 2, 9, 4)
-    assert unpad(x, plan).data_ptr() == x.data_ptr() or torch.equal(unpad(x, plan), x.transpose(1, 2)[0])
+    assert torch.equal(unpad(x, plan), x.transpose(1, 2)[0])
