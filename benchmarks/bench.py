@@ -366,45 +366,44 @@ def run_long(s):
 
 # -- reporting -------------------------------------------------------------------------------------
 
-def ratios(rows, key):
+def add_ratios(rows, key):
+    """Each row's `key` over flash_attention_2's and sdpa's, as x_flash_attention_2 / x_sdpa."""
     by = {r["competitor"]: r.get(key) for r in rows if key in r}
-    out = {}
     for r in rows:
         if key in r:
             for base in ("flash_attention_2", "sdpa"):
                 if by.get(base):
                     r[f"x_{base}"] = r[key] / by[base]
-    return out
+
+
+def _competitor_lines(rows, header, cells):
+    """A table of competitors: `cells(row)` formats a measured row; skipped rows say why."""
+    lines = [f"{'competitor':<18}{header}{'x fa2':>7}{'x sdpa':>7}  backend"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['competitor']:<18}{cells(r)}{r.get('x_flash_attention_2', float('nan')):>7.2f}"
+                     f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+    return lines
 
 
 def table(workload, result) -> str:
     lines = [f"== {workload} =="]
     if workload in ("w1", "w1packed"):
-        ratios(result["rows"], "tokens_per_s")
+        add_ratios(result["rows"], "tokens_per_s")
         lines.append(f"real tokens {result['real_tokens']}, padded grid {result['padded_tokens']}, "
                      f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s")
-        lines.append(f"{'competitor':<18}{'tokens/s':>10}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}"
-                     f"{'x fa2':>7}{'x sdpa':>7}  backend")
-        for r in result["rows"]:
-            if "skipped" in r:
-                lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
-                continue
-            lines.append(f"{r['competitor']:<18}{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}"
-                         f"{r['mfu']:>7.1%}{r.get('x_flash_attention_2', float('nan')):>7.2f}"
-                         f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+        lines += _competitor_lines(
+            result["rows"], f"{'tokens/s':>10}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}",
+            lambda r: f"{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}{r['mfu']:>7.1%}")
     elif workload == "w2":
         for cache in ("dynamic", "static"):
             rows = [r for r in result["rows"] if r["cache"] == cache]
-            ratios(rows, "tokens_per_s")
+            add_ratios(rows, "tokens_per_s")
             lines.append(f"{cache} cache: {len(result['prompt_lengths'])} prompts, {result['new_tokens']} new tokens")
-            lines.append(f"{'competitor':<18}{'tokens/s':>10}{'first run':>10}{'x fa2':>7}{'x sdpa':>7}  backend")
-            for r in rows:
-                if "skipped" in r:
-                    lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
-                    continue
-                lines.append(f"{r['competitor']:<18}{r['tokens_per_s']:>10.0f}{r['first_run_tokens_per_s']:>10.0f}"
-                             f"{r.get('x_flash_attention_2', float('nan')):>7.2f}"
-                             f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+            lines += _competitor_lines(rows, f"{'tokens/s':>10}{'first run':>10}",
+                                       lambda r: f"{r['tokens_per_s']:>10.0f}{r['first_run_tokens_per_s']:>10.0f}")
     elif workload == "w3":
         lines.append(f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s; TFLOP/s forward / forward+backward")
         lines.append(f"{'kernel':<30}" + "".join(f"{r['length']:>14}" for r in result["rows"]
