@@ -22,7 +22,7 @@ from autoflash.settings import logger
 ATTENTION_NAME = "autoattn"
 
 @torch.compiler.disable
-def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, cache_position=None, **kwargs):
     """Registered with transformers' AttentionMaskInterface, called once per forward.
 
@@ -34,6 +34,8 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     causality and packing) is not needed: causality is the kernels' flag, and packing is
     read from position ids.
     """
+    if q_length is None:  # transformers 4.5x passes the cache positions of the queries instead
+        q_length = cache_position.shape[0]
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] <= kv_length:
             return attention_mask[...]  # a fresh object per forward (layout.plan_for keys on it)
