@@ -90,6 +90,8 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
                        batch: int, q_len: int, device: torch.device) -> Layout:
     if mask is None and position_ids is None:
         return Layout("dense", batch, q_len, q_len)
+    if mask is not None and mask.dtype != torch.bool:  # transformers < 4.48 passes the user's 0/1 mask
+        mask = mask.bool()
     real = mask if mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
     starts = sequence_starts(real, position_ids)
     flat_real, flat_starts = real.reshape(-1), starts.reshape(-1)

@@ -23,20 +23,63 @@ def tiny_config(**overrides):
     return LlamaConfig(**{**TINY, **overrides})
 
 
-def model_pair(seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
-    """(autoflash model, eager model) with identical random weights."""
+LEGACY_ERA = "attention-classes"  # transformers 4.37-4.47: autoflash runs behind "flash_attention_2"
+
+
+def patch_era() -> str:
+    """Which autoflash patch serves the installed transformers (see autoflash/patches/)."""
+    import transformers.models.llama.modeling_llama as llama
+
     import autoflash
-    from transformers import LlamaForCausalLM
+    from autoflash import hooks
 
     assert autoflash.enable(), "autoflash did not patch transformers in the test process"
+    return hooks.state()["eras"][llama.__name__]
+
+
+def expected_attention_name() -> str:
+    return "flash_attention_2" if patch_era() == LEGACY_ERA else "autoattn"
+
+
+def legacy_era() -> bool:
+    return patch_era() == LEGACY_ERA
+
+
+def model_pair(seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
+    """(autoflash model, eager model) with identical random weights."""
+    from transformers import LlamaForCausalLM
+
+    expected = expected_attention_name()
     torch.manual_seed(seed)
     config = tiny_config(**overrides)
     fast = LlamaForCausalLM(copy.deepcopy(config))
-    eager = LlamaForCausalLM(copy.deepcopy(config))
-    eager.set_attn_implementation("eager")
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"  # works in every transformers era
+    eager = LlamaForCausalLM(eager_config)
     eager.load_state_dict(fast.state_dict())
-    assert fast.config._attn_implementation == "autoattn"
+    assert fast.config._attn_implementation == expected and eager.config._attn_implementation == "eager"
     return fast.to(device=device, dtype=dtype), eager.to(device=device, dtype=dtype)
+
+
+def dynamic_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers < 4.5x: no arguments
+        return DynamicCache()
+
+
+def static_cache_or_skip(config, max_cache_len):
+    """A StaticCache; skipped where this transformers era's attention path cannot use one."""
+    import inspect
+
+    transformers = pytest.importorskip("transformers")
+    if legacy_era():
+        pytest.skip("transformers < 4.48: its flash-attention class, which autoflash runs behind, refuses StaticCache")
+    if "config" in inspect.signature(transformers.StaticCache.__init__).parameters:
+        return transformers.StaticCache(config=config, max_cache_len=max_cache_len)
+    return transformers.StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len)
 
 
 def cache_keyword(model) -> str:

@@ -8,7 +8,10 @@ import torch
 import autoflash
 from autoflash import hooks
 from autoflash.attention import ATTENTION_NAME
-from conftest import tiny_config
+from conftest import expected_attention_name, legacy_era, tiny_config
+
+modern_only = pytest.mark.skipif(legacy_era(), reason="transformers < 4.48 has no AttentionInterface")
+legacy_only = pytest.mark.skipif(not legacy_era(), reason="transformers >= 4.48 registers through AttentionInterface")
 
 
 @pytest.fixture
@@ -27,12 +30,14 @@ def _attn(model):
 def test_default_sdpa_and_flash_attention_2_requests_get_autoflash(llama, requested, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+    expected = expected_attention_name()
     kwargs = {} if requested is None else {"attn_implementation": requested}
-    assert _attn(LlamaForCausalLM._from_config(tiny_config(), **kwargs)) == ATTENTION_NAME
-    assert _attn(AutoModelForCausalLM.from_config(tiny_config(), **kwargs)) == ATTENTION_NAME
+    assert _attn(LlamaForCausalLM(tiny_config())) == expected
+    assert _attn(LlamaForCausalLM._from_config(tiny_config(), **kwargs)) == expected
+    assert _attn(AutoModelForCausalLM.from_config(tiny_config(), **kwargs)) == expected
     LlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
-    assert _attn(AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)) == ATTENTION_NAME
-    assert _attn(LlamaForCausalLM.from_pretrained(tmp_path, **kwargs)) == ATTENTION_NAME
+    assert _attn(AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs)) == expected
+    assert _attn(LlamaForCausalLM.from_pretrained(tmp_path, **kwargs)) == expected
 
 
 def test_flash_attention_2_runs_without_the_flash_attn_package(llama):
@@ -49,12 +54,18 @@ def test_flash_attention_2_runs_without_the_flash_attn_package(llama):
     assert torch.isfinite(out.logits).all()
 
 
-def test_explicit_eager_and_other_explicit_choices_are_honoured(llama):
+def test_explicit_eager_is_honoured(llama):
+    from transformers import LlamaForCausalLM
+
+    assert _attn(LlamaForCausalLM._from_config(tiny_config(), attn_implementation="eager")) == "eager"
+
+
+@modern_only
+def test_other_explicit_choices_are_honoured(llama):
     from transformers import AttentionInterface, LlamaForCausalLM
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    assert _attn(LlamaForCausalLM._from_config(tiny_config(), attn_implementation="eager")) == "eager"
     AttentionInterface.register("my_kernel", sdpa_attention_forward)
     AttentionMaskInterface.register("my_kernel", sdpa_mask)
     try:
@@ -64,6 +75,7 @@ def test_explicit_eager_and_other_explicit_choices_are_honoured(llama):
         AttentionMaskInterface._global_mapping.pop("my_kernel")
 
 
+@modern_only
 def test_set_attn_implementation_follows_the_same_policy(llama):
     from transformers import LlamaForCausalLM
 
@@ -72,6 +84,7 @@ def test_set_attn_implementation_follows_the_same_policy(llama):
     assert _attn(model) == ATTENTION_NAME
 
 
+@modern_only
 def test_disable_restores_every_original_object_and_enable_patches_again(llama):
     from transformers import LlamaForCausalLM
     from transformers.masking_utils import AttentionMaskInterface
@@ -94,11 +107,35 @@ def test_disable_restores_every_original_object_and_enable_patches_again(llama):
     assert _attn(LlamaForCausalLM(tiny_config())) == ATTENTION_NAME
 
 
+@modern_only
 def test_patch_records_what_it_replaced(llama):
     patch = hooks._applied[llama.__name__]
     assert [where for where, _ in patch.replaced] == [
         f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
         "LlamaModel.forward"]
+
+
+@legacy_only
+def test_legacy_disable_restores_the_originals_and_enable_patches_again(llama):
+    from transformers import LlamaForCausalLM
+    from transformers.modeling_utils import PreTrainedModel
+
+    routed = llama.__dict__.get("_flash_attention_forward")
+    autoflash.disable()
+    try:
+        assert hooks.patched_modules() == []
+        assert "_autoset_attn_implementation" not in llama.LlamaPreTrainedModel.__dict__
+        assert (llama.LlamaPreTrainedModel._autoset_attn_implementation.__func__
+                is PreTrainedModel._autoset_attn_implementation.__func__)
+        if routed is not None:
+            assert llama._flash_attention_forward is not routed
+        else:
+            assert "_flash_attention_forward" in llama.LlamaFlashAttention2.__dict__
+            assert llama.LlamaFlashAttention2.__dict__["_flash_attention_forward"].__module__ == llama.__name__
+        assert _attn(LlamaForCausalLM(tiny_config())) in ("sdpa", "eager")
+    finally:
+        assert autoflash.enable()
+    assert _attn(LlamaForCausalLM(tiny_config())) == "flash_attention_2"
 
 
 def test_unknown_transformers_layout_is_left_unpatched_with_one_warning(caplog):

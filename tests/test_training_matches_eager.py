@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autoflash import dispatch
-from conftest import (FLOAT32_RTOL, labels_for, model_pair, padding_mask, relative_error, train_step,
+from conftest import (FLOAT32_RTOL, labels_for, legacy_era, model_pair, padding_mask, relative_error, train_step,
                       worst_gradient_error)
 
 BACKENDS = ["auto", "reference"]
@@ -71,6 +71,8 @@ def test_random_seeds_and_gqa_ratios_match_eager(seed):
 
 
 def test_padded_training_forward_runs_the_layers_on_real_tokens_only():
+    if legacy_era():
+        pytest.skip("transformers < 4.48: LlamaModel.forward takes no cu_seq_lens_q, so padding is removed per layer")
     fast, _ = model_pair(seed=2)
     shapes = []
     fast.model.layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))

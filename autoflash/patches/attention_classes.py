@@ -1,0 +1,113 @@
+"""transformers 4.37-4.47: attention classes chosen from LLAMA_ATTENTION_CLASSES, no AttentionInterface.
+
+Those releases have no registry to add an implementation to, so the patch works through
+the one implementation whose data layout matches autoflash's: ``flash_attention_2``. Its
+model code keeps the 2-D padding mask (no 4-D mask is built), and its attention class
+hands q, k and v to one function, which the patch replaces with autoflash's:
+
+- 4.43-4.47: the module-level ``_flash_attention_forward(q, k, v, attention_mask,
+  query_length, is_causal, dropout, position_ids, ...)`` that modeling_llama imported;
+- 4.37-4.42: the method ``LlamaFlashAttention2._flash_attention_forward(q, k, v,
+  attention_mask, query_length, dropout, softmax_scale)``, which is not given position ids:
+  the class's ``forward`` is wrapped to hand them over (packed sequences need them).
+
+Models that asked for no implementation, for ``sdpa`` or for ``flash_attention_2`` are set
+to ``flash_attention_2`` without transformers' check that the flash-attn package is
+installed (``_autoset_attn_implementation``); ``eager`` is honoured. Their config says
+``flash_attention_2``; the kernels are autoflash's.
+
+Known gaps of this era (transformers' own flash-attention class sets them): a static cache
+is refused by that class, ``output_attentions`` returns no weights, and whole-stack padding
+removal is not applied (``LlamaModel.forward`` takes no extra keyword arguments there).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from autoflash.attention import attention_forward
+from autoflash.patches.base import Patch
+
+ERA = "attention-classes"
+REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
+
+
+def missing(module) -> List[str]:
+    gaps = []
+    if not isinstance(getattr(module, "LLAMA_ATTENTION_CLASSES", None), dict):
+        gaps.append("no LLAMA_ATTENTION_CLASSES")
+    if not hasattr(module, "LlamaFlashAttention2"):
+        gaps.append("no LlamaFlashAttention2")
+    elif not (callable(getattr(module, "_flash_attention_forward", None))
+              or hasattr(module.LlamaFlashAttention2, "_flash_attention_forward")):
+        gaps.append("no _flash_attention_forward to route")
+    base = getattr(module, "LlamaPreTrainedModel", None)
+    if base is None or not hasattr(base, "_autoset_attn_implementation"):
+        gaps.append("no PreTrainedModel._autoset_attn_implementation")
+    return gaps
+
+
+class _Caller:
+    """What autoflash's attention function reads of the module that calls it."""
+
+    def __init__(self, is_causal: bool, config=None):
+        self.is_causal = is_causal
+        self.config = config
+
+
+def _run(module_or_caller, query, key, value, attention_mask, dropout, softmax_scale, position_ids):
+    # this era's flash path holds q/k/v as (batch, len, heads, dim); autoflash's function takes
+    # transformers' other layout, (batch, heads, len, dim), and returns (batch, len, heads, dim)
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    out, _ = attention_forward(module_or_caller, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                               mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids)
+    return out
+
+
+def _module_level(query_states, key_states, value_states, attention_mask, query_length, is_causal=True,
+                  dropout=0.0, position_ids=None, softmax_scale=None, **_unused):
+    """Stands in for modeling_llama._flash_attention_forward (transformers 4.43-4.47)."""
+    return _run(_Caller(is_causal), query_states, key_states, value_states, attention_mask, dropout, softmax_scale,
+                position_ids)
+
+
+def _method(self, query_states, key_states, value_states, attention_mask, query_length, dropout=0.0,
+            softmax_scale=None):
+    """Stands in for LlamaFlashAttention2._flash_attention_forward (transformers 4.37-4.42)."""
+    return _run(_Caller(self.is_causal, getattr(self, "config", None)), query_states, key_states, value_states,
+                attention_mask, dropout, softmax_scale, getattr(self, "_autoflash_position_ids", None))
+
+
+def apply(module) -> Patch:
+    patch = Patch(module.__name__, ERA)
+    try:
+        base = module.LlamaPreTrainedModel
+        original_autoset = base._autoset_attn_implementation.__func__
+
+        def _autoset_attn_implementation(cls, config, use_flash_attention_2=False, *args, **kwargs):
+            requested = getattr(config, "_attn_implementation_internal", None)
+            if use_flash_attention_2 or requested in REPLACED_REQUESTS:
+                config._attn_implementation = "flash_attention_2"
+                return config
+            return original_autoset(cls, config, use_flash_attention_2, *args, **kwargs)
+
+        patch.set_attribute(base, "_autoset_attn_implementation", classmethod(_autoset_attn_implementation))
+        if callable(getattr(module, "_flash_attention_forward", None)):
+            patch.set_attribute(module, "_flash_attention_forward", _module_level)
+        else:
+            attention_class = module.LlamaFlashAttention2
+            original_forward = attention_class.forward
+
+            def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
+                self._autoflash_position_ids = position_ids
+                try:
+                    return original_forward(self, hidden_states, attention_mask, position_ids, *args, **kwargs)
+                finally:
+                    self._autoflash_position_ids = None
+
+            patch.set_attribute(attention_class, "forward", forward)
+            patch.set_attribute(attention_class, "_flash_attention_forward", _method)
+    except BaseException:
+        patch.undo()
+        raise
+    return patch
