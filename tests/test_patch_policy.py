@@ -132,10 +132,21 @@ def test_legacy_disable_restores_the_originals_and_enable_patches_again(llama):
         else:
             assert "_flash_attention_forward" in llama.LlamaFlashAttention2.__dict__
             assert llama.LlamaFlashAttention2.__dict__["_flash_attention_forward"].__module__ == llama.__name__
+        assert llama.LlamaFlashAttention2.forward.__module__ == llama.__name__
         assert _attn(LlamaForCausalLM(tiny_config())) in ("sdpa", "eager")
     finally:
         assert autoflash.enable()
     assert _attn(LlamaForCausalLM(tiny_config())) == "flash_attention_2"
+
+
+@legacy_only
+def test_legacy_output_attentions_says_that_no_weights_come_back(llama, caplog):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_config())
+    out = model(input_ids=torch.randint(3, 97, (2, 5)), output_attentions=True)
+    assert torch.isfinite(out.logits).all()
+    assert any("returns no attention weights" in r.getMessage() for r in caplog.records)
 
 
 def test_unknown_transformers_layout_is_left_unpatched_with_one_warning(caplog):

@@ -17,8 +17,9 @@ installed (``_autoset_attn_implementation``); ``eager`` is honoured. Their confi
 ``flash_attention_2``; the kernels are autoflash's.
 
 Known gaps of this era (transformers' own flash-attention class sets them): a static cache
-is refused by that class, ``output_attentions`` returns no weights, and whole-stack padding
-removal is not applied (``LlamaModel.forward`` takes no extra keyword arguments there).
+is refused by that class, ``output_attentions`` returns no weights (autoflash says so once),
+and whole-stack padding removal is not applied (``LlamaModel.forward`` takes no extra
+keyword arguments there).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import List
 
 from autoflash.attention import attention_forward
 from autoflash.patches.base import Patch
+from autoflash.settings import logger
 
 ERA = "attention-classes"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
@@ -78,6 +80,17 @@ def _method(self, query_states, key_states, value_states, attention_mask, query_
                 attention_mask, dropout, softmax_scale, getattr(self, "_autoflash_position_ids", None))
 
 
+_warned = []
+
+
+def _warn_no_weights():
+    if not _warned:
+        _warned.append(True)
+        logger.warning("autoflash: output_attentions=True returns no attention weights under transformers < 4.48, "
+                       "whose flash-attention model code autoflash runs behind; load the model with "
+                       "attn_implementation='eager' to get them")
+
+
 def apply(module) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
@@ -92,20 +105,22 @@ def apply(module) -> Patch:
             return original_autoset(cls, config, use_flash_attention_2, *args, **kwargs)
 
         patch.set_attribute(base, "_autoset_attn_implementation", classmethod(_autoset_attn_implementation))
+        attention_class = module.LlamaFlashAttention2
+        original_forward = attention_class.forward
+
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
+            if kwargs.get("output_attentions") or (len(args) > 1 and args[1] is True):
+                _warn_no_weights()
+            self._autoflash_position_ids = position_ids  # 4.37-4.42 do not pass them on
+            try:
+                return original_forward(self, hidden_states, attention_mask, position_ids, *args, **kwargs)
+            finally:
+                self._autoflash_position_ids = None
+
+        patch.set_attribute(attention_class, "forward", forward)
         if callable(getattr(module, "_flash_attention_forward", None)):
             patch.set_attribute(module, "_flash_attention_forward", _module_level)
         else:
-            attention_class = module.LlamaFlashAttention2
-            original_forward = attention_class.forward
-
-            def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
-                self._autoflash_position_ids = position_ids
-                try:
-                    return original_forward(self, hidden_states, attention_mask, position_ids, *args, **kwargs)
-                finally:
-                    self._autoflash_position_ids = None
-
-            patch.set_attribute(attention_class, "forward", forward)
             patch.set_attribute(attention_class, "_flash_attention_forward", _method)
     except BaseException:
         patch.undo()
