@@ -21,6 +21,8 @@ RELEASES = {
     "4.37.2": ["transformers==4.37.2", "tokenizers>=0.14,<0.19", "huggingface-hub<1.0"],
     # the last release before AttentionInterface (module-level _flash_attention_forward)
     "4.47.1": ["transformers==4.47.1", "tokenizers>=0.21,<0.22", "huggingface-hub<1.0"],
+    # AttentionInterface without mask functions: flash_attention_2 routed in the LLaMA module
+    "4.50.3": ["transformers==4.50.3", "tokenizers>=0.21,<0.22", "huggingface-hub<1.0"],
     # the last 4.x release
     "4.57.6": ["transformers==4.57.6", "tokenizers>=0.22,<0.23", "huggingface-hub<1.0"],
     # the GPU machine's release

@@ -128,7 +128,8 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
 
 def _custom_mask(query, key, value, attention_mask, dropout, scaling):
     """A 4-D mask the caller built: honour it as given, through SDPA."""
-    _once("4d", "autoflash: a custom 4-D attention mask was passed; those calls run on SDPA with that mask")
+    _once("4d", "autoflash: a 4-D attention mask (built by the caller, or by transformers 4.48-4.5x for a static "
+                "cache) came with the call; such calls run on SDPA with that mask as given")
     mask = attention_mask[:, :, :, : key.shape[2]]
     groups = query.shape[1] // key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(

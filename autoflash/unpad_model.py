@@ -56,18 +56,25 @@ def eligible(module, attention_mask, kwargs, attention_name) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
-def wrap(original, attention_name):
+def wrap(original, attention_name, mask_for_packed_row=True):
+    """LlamaModel.forward, with padding removed from the whole stack where ``eligible``.
+
+    ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
+    otherwise search its position ids for boundaries, a second host sync) or none (earlier
+    releases scan a mask they are given instead).
+    """
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
         if args or not eligible(self, attention_mask, kwargs, attention_name):
             return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
-        return _packed_forward(original, self, input_ids, attention_mask, position_ids, kwargs)
+        return _packed_forward(original, self, input_ids, attention_mask, position_ids, kwargs,
+                               mask_for_packed_row)
 
     forward.__wrapped__ = original
     return forward
 
 
-def _packed_forward(original, module, input_ids, attention_mask, position_ids, kwargs):
+def _packed_forward(original, module, input_ids, attention_mask, position_ids, kwargs, mask_for_packed_row):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, length = source.shape[:2]
@@ -97,7 +104,7 @@ def _packed_forward(original, module, input_ids, attention_mask, position_ids, k
     packed_positions = pack(positions)
     # An all-ones mask: without one, transformers would search the packed position ids for
     # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
-    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device)
+    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if mask_for_packed_row else None
     out = original(module, pack(input_ids) if input_ids is not None else None, no_padding, packed_positions,
                    inputs_embeds=pack(inputs_embeds) if inputs_embeds is not None else None, **kwargs)
     hidden = out[0][0]  # (total, hidden)

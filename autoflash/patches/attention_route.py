@@ -1,0 +1,103 @@
+"""transformers 4.48 to about 4.55: AttentionInterface exists, but no mask-function registry.
+
+In these releases the LLaMA model code builds a 4-D mask for every implementation name but
+one: ``flash_attention_2``, for which it keeps the 2-D padding mask, which is what
+autoflash needs. So models run under that name, and the name is routed to autoflash's
+attention function in the LLaMA module alone: ``modeling_llama.ALL_ATTENTION_FUNCTIONS``
+(the module's own binding of the global registry) is replaced by a view that answers
+``flash_attention_2`` with autoflash and everything else as before. Other model families
+keep transformers' flash-attention.
+
+``LlamaAttention.forward`` is wrapped only to hand the cache positions over: with a static
+cache and no padding mask they are the one record of how far the cache is filled.
+
+Models that asked for no implementation, ``sdpa`` or ``flash_attention_2`` get that name
+without transformers' check for the flash-attn package (``_autoset_attn_implementation``);
+``eager`` and other explicit choices are honoured. Padding is removed from the whole
+decoder stack for training forwards, as in 5.x (``LlamaModel.forward`` passes
+``cu_seq_lens_q/k`` through ``**flash_attn_kwargs`` here).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from autoflash import unpad_model
+from autoflash.attention import attention_forward, mask_function
+from autoflash.patches.attention_classes import REPLACED_REQUESTS, route_requests
+from autoflash.patches.base import Patch
+
+ERA = "attention-route"
+ROUTED_NAME = "flash_attention_2"
+
+
+def missing(module) -> List[str]:
+    gaps = []
+    if getattr(module, "ALL_ATTENTION_FUNCTIONS", None) is None:
+        gaps.append("no ALL_ATTENTION_FUNCTIONS in the LLaMA module")
+    if hasattr(module, "LLAMA_ATTENTION_CLASSES"):
+        gaps.append("LLAMA_ATTENTION_CLASSES still chooses the attention class")
+    base = getattr(module, "LlamaPreTrainedModel", None)
+    if base is None or not hasattr(base, "_autoset_attn_implementation"):
+        gaps.append("no PreTrainedModel._autoset_attn_implementation")
+    if not hasattr(module, "LlamaModel"):
+        gaps.append("no LlamaModel")
+    return gaps
+
+
+def _routed_attention(module, query, key, value, attention_mask, **kwargs):
+    # Without a mask function, nothing tells autoflash how much of a static cache is filled
+    # (transformers passes no mask when there is no padding): the cache positions, which
+    # LlamaAttention.forward receives but does not pass on, say it.
+    if attention_mask is None and key.shape[2] > query.shape[2]:
+        positions = getattr(module, "_autoflash_cache_position", None)
+        if positions is not None:
+            attention_mask = mask_function(query.shape[0], query.shape[2], key.shape[2], cache_position=positions)
+    return attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class _Routed:
+    """The registry as the LLaMA module sees it: flash_attention_2 is autoflash."""
+
+    def __init__(self, registry):
+        self._registry = registry
+
+    def __getitem__(self, name):
+        return _routed_attention if name == ROUTED_NAME else self._registry[name]
+
+    def get(self, name, default=None):
+        return _routed_attention if name == ROUTED_NAME else self._registry.get(name, default)
+
+    def __contains__(self, name):
+        return name == ROUTED_NAME or name in self._registry
+
+    def __getattr__(self, attribute):
+        return getattr(self._registry, attribute)
+
+
+def apply(module) -> Patch:
+    patch = Patch(module.__name__, ERA)
+    try:
+        route_requests(patch, module.LlamaPreTrainedModel, ROUTED_NAME)
+        patch.set_attribute(module, "ALL_ATTENTION_FUNCTIONS", _Routed(module.ALL_ATTENTION_FUNCTIONS))
+        original_forward = module.LlamaAttention.forward
+
+        def forward(self, *args, **kwargs):
+            self._autoflash_cache_position = kwargs.get("cache_position")
+            try:
+                return original_forward(self, *args, **kwargs)
+            finally:
+                self._autoflash_cache_position = None
+
+        patch.set_attribute(module.LlamaAttention, "forward", forward)
+        # no all-ones mask for the packed row: this era's model code would scan it (a host sync)
+        # and finds no packed sequences by itself anyway
+        patch.set_attribute(module.LlamaModel, "forward",
+                            unpad_model.wrap(module.LlamaModel.forward, ROUTED_NAME, mask_for_packed_row=False))
+    except BaseException:
+        patch.undo()
+        raise
+    return patch
+
+
+__all__ = ["ERA", "REPLACED_REQUESTS", "apply", "missing"]
