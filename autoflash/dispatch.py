@@ -11,7 +11,7 @@ import contextlib
 import functools
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from autoflash import backends
 from autoflash.call import AttentionCall

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+
 @dataclass(frozen=True)
 class Layout:
     kind: str  # "dense" | "varlen" | "cache"
@@ -54,10 +55,6 @@ class Layout:
     kv_used: Optional[int] = None  # key slots that can hold keys (fill level) where known on the host
     # how many host-device synchronisations building this layout cost (0 or 1)
     syncs: int = 0
-
-    @property
-    def packed_or_padded(self) -> bool:
-        return self.kind == "varlen"
 
 
 def _nonzero_1d(flags: torch.Tensor, count: int) -> torch.Tensor:

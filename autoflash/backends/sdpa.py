@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 import torch.nn.functional as F
 
 from autoflash.backends._common import (allowed_keys, fold_gqa_queries, repeat_kv, unfold_gqa_output,
