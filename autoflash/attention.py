@@ -76,7 +76,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     decision = dispatch.choose(call)
     scale = scaling if scaling is not None else head_dim ** -0.5
     out = BY_NAME[decision.backend].run(query, key, value, layout, call, scale)
-    return out.to(in_dtype), None
+    return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
 def _to_kernel_dtype(query, key, value):

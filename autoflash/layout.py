@@ -192,9 +192,10 @@ def _identity(t):
 def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None):
     """The layout for this forward, computed by its first attention layer and reused by the rest."""
     key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len)
-    refs = tuple(weakref.ref(t) for t in (mask, position_ids, given_cu_seqlens) if t is not None)
+    # the weak references prove the ids still name the same live tensors (ids are reused after free)
     if key == _last.key and all(r() is not None for r in _last.refs):
         return _last.layout
+    refs = tuple(weakref.ref(t) for t in (mask, position_ids, given_cu_seqlens) if t is not None)
     if kv_len > q_len:
         layout = plan_with_cache(mask, batch, q_len, kv_len, device)
     elif given_cu_seqlens is not None:
