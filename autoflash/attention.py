@@ -59,10 +59,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if attention_mask is not None and attention_mask.dim() > 2:
         return _custom_mask(query, key, value, attention_mask, dropout, scaling)
 
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len = key.shape[1], key.shape[2]
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
+    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    decision = dispatch.choose(call)
+    scale = scaling if scaling is not None else call.head_dim ** -0.5
+    out = BY_NAME[decision.backend].run(query, key, value, layout, call, scale)
+    return (out if out.dtype == in_dtype else out.to(in_dtype)), None
+
+
+def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+    """The forward's layout (computed by its first layer) and this call's record for dispatch."""
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, kv_len = key.shape[1], key.shape[2]
     layout = plan_for(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
                       kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -73,10 +82,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         needs_grad=torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
     )
-    decision = dispatch.choose(call)
-    scale = scaling if scaling is not None else head_dim ** -0.5
-    out = BY_NAME[decision.backend].run(query, key, value, layout, call, scale)
-    return (out if out.dtype == in_dtype else out.to(in_dtype)), None
+    return layout, call
 
 
 def _to_kernel_dtype(query, key, value):
@@ -109,16 +115,16 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
     """output_attentions needs the probabilities, which no flash kernel returns: run eager for this call."""
     _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
                      "return no attention weights)")
-    batch, _, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
-    layout = plan_for(attention_mask if attention_mask is None or attention_mask.dim() <= 2 else None,
-                      kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
-                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
-    call = AttentionCall(layout.kind, query.device.type, None, query.dtype, head_dim, query.shape[1], key.shape[1],
-                         q_len, kv_len, float(dropout), bool(getattr(module, "is_causal", True)), False)
-    allowed = allowed_keys(layout, call, query.device)
-    additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-    additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    if attention_mask is not None and attention_mask.dim() > 2:  # the caller's own 4-D mask, as given
+        allowed = attention_mask[:, :, :, :key.shape[2]]
+    else:
+        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs)
+        allowed = allowed_keys(layout, call, query.device)
+    if allowed.dtype == torch.bool:
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    else:
+        additive = allowed
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as eager

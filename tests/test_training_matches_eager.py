@@ -85,3 +85,45 @@ def test_padded_training_forward_runs_the_layers_on_real_tokens_only():
     with torch.no_grad():
         fast(input_ids=ids, attention_mask=mask)
     assert shapes[-1] == (3, 9, 64)  # an evaluation forward with a cache keeps the padded layout
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_output_attentions_returns_eager_weights_for_those_calls(side, caplog):
+    from autoflash import attention
+    from autoflash.patches import attention_classes
+
+    attention._notified.discard("weights"), attention_classes._warned.clear()  # each warns once per process
+    fast, eager = model_pair(seed=4)
+    fast.eval(), eager.eval()
+    mask = padding_mask([6, 2, 4], side)
+    ids = torch.randint(3, 97, mask.shape)
+    with torch.no_grad():
+        out = fast(input_ids=ids, attention_mask=mask, output_attentions=True)
+        ref = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    if legacy_era():
+        assert any("returns no attention weights" in r.getMessage() for r in caplog.records)
+        return
+    real = mask.bool()
+    assert relative_error(out.logits[real], ref.logits[real]) < FLOAT32_RTOL
+    assert len(out.attentions) == len(ref.attentions) == 2
+    for weights, expected in zip(out.attentions, ref.attentions):
+        # rows of real queries: the probabilities eager computes (padded query rows are undefined)
+        assert relative_error(weights.transpose(1, 2)[real], expected.transpose(1, 2)[real]) < FLOAT32_RTOL
+    assert any("output_attentions=True runs eager attention" in r.getMessage() for r in caplog.records)
+
+
+def test_attention_dropout_in_training_is_applied_and_off_in_evaluation():
+    fast, _ = model_pair(seed=8, attention_dropout=0.5)
+    mask = padding_mask([9, 4, 7], "right")
+    ids = torch.randint(3, 97, mask.shape)
+    real = mask.bool()
+    first = fast(input_ids=ids, attention_mask=mask).logits[real]
+    second = fast(input_ids=ids, attention_mask=mask).logits[real]
+    assert torch.isfinite(first).all() and relative_error(first, second) > 1e-3  # a new dropout mask each step
+    first.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    fast.eval()
+    with torch.no_grad():
+        a = fast(input_ids=ids, attention_mask=mask).logits[real]
+        b = fast(input_ids=ids, attention_mask=mask).logits[real]
+    assert torch.equal(a, b)

@@ -39,8 +39,7 @@ def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     q_pos = torch.arange(q_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
     if layout.kind == "cache":
-        end = (layout.cache_seqlens if layout.cache_seqlens is not None
-               else torch.full((layout.batch,), kv_len, device=device)).long()
+        end = layout.cache_seqlens.long()  # every cache layout knows its fill levels
         last_key = end[:, None] - q_len + q_pos[None, :]  # bottom-right aligned causal
         allowed = k_pos[None, None, :] <= last_key[:, :, None] if call.causal else \
             (k_pos[None, None, :] < end[:, None, None]).expand(-1, q_len, -1)
