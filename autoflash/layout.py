@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -55,6 +55,9 @@ class Layout:
     kv_used: Optional[int] = None  # key slots that can hold keys (fill level) where known on the host
     # how many host-device synchronisations building this layout cost (0 or 1)
     syncs: int = 0
+    # tensors a backend derives from the layout (a dense mask, say): built by the forward's
+    # first layer, reused by the others
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _nonzero_1d(flags: torch.Tensor, count: int) -> torch.Tensor:

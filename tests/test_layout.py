@@ -117,3 +117,17 @@ def test_packed_row_without_padding_needs_no_gather():
     assert plan.cu_seqlens.tolist() == [0, 3, 5, 9]
     x = torch.randn(1, 2, 9, 4)
     assert torch.equal(unpad(x, plan), x.transpose(1, 2)[0])
+
+
+def test_dense_mask_for_masked_kernels_is_built_once_per_forward(monkeypatch):
+    from autoflash.backends import _common
+
+    built = []
+    original = _common._allowed_keys
+    monkeypatch.setattr(_common, "_allowed_keys", lambda *a: built.append(1) or original(*a))
+    fast, _ = model_pair(seed=1, num_hidden_layers=4)
+    fast.eval()
+    mask = padding_mask([5, 2, 4], "left")
+    with torch.no_grad():
+        fast(input_ids=torch.randint(3, 97, mask.shape), attention_mask=mask)
+    assert len(built) == 1

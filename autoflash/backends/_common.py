@@ -33,8 +33,16 @@ def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     """(batch, 1, q_len, kv_len) bool: which key each query may attend to, for kernels that take a dense mask.
 
     Rows with no allowed key (padded queries) are opened to every key so that softmax stays
-    finite; their outputs are zeroed afterwards by ``zero_padded_queries``.
+    finite; their outputs are zeroed afterwards by ``zero_padded_queries``. Built once per
+    forward (kept on the layout).
     """
+    key = ("allowed", call.causal, call.q_len, call.kv_len, str(device))
+    if key not in layout.derived:
+        layout.derived[key] = _allowed_keys(layout, call, device)
+    return layout.derived[key]
+
+
+def _allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     q_len, kv_len = call.q_len, call.kv_len
     q_pos = torch.arange(q_len, device=device)
     k_pos = torch.arange(kv_len, device=device)
@@ -59,7 +67,14 @@ def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
 
 
 def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
-    """(batch, q_len) bool, or None where every query is a real token."""
+    """(batch, q_len) bool, or None where every query is a real token. Built once per forward."""
+    key = ("real", call.q_len, str(device))
+    if key not in layout.derived:
+        layout.derived[key] = _query_is_real(layout, call, device)
+    return layout.derived[key]
+
+
+def _query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
     if layout.kind == "varlen":
         return layout.segment_ids >= 0
     if layout.kind == "cache" and layout.key_mask is not None:
