@@ -55,6 +55,8 @@ class Layout:
     kv_used: Optional[int] = None  # key slots that can hold keys (fill level) where known on the host
     # how many host-device synchronisations building this layout cost (0 or 1)
     syncs: int = 0
+    # the value of a caller's extra boolean check, read in the same synchronisation
+    extra_check: Optional[bool] = None
     # tensors a backend derives from the layout (a dense mask, say): built by the forward's
     # first layer, reused by the others
     derived: dict = field(default_factory=dict, compare=False, repr=False)
@@ -87,7 +89,10 @@ def sequence_starts(real: torch.Tensor, position_ids: Optional[torch.Tensor]) ->
 
 
 def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                       batch: int, q_len: int, device: torch.device) -> Layout:
+                       batch: int, q_len: int, device: torch.device,
+                       extra_check: Optional[torch.Tensor] = None) -> Layout:
+    """``extra_check``: a 0-d bool device tensor whose value the caller needs on the host too;
+    it is read in this plan's synchronisation, not a second one (``Layout.extra_check``)."""
     if mask is None and position_ids is None:
         return Layout("dense", batch, q_len, q_len)
     if mask is not None and mask.dtype != torch.bool:  # transformers < 4.48 passes the user's 0/1 mask
@@ -101,17 +106,20 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
         0, slot, torch.ones_like(slot))[:n_cells]
     left_t = ((~real[:, 0]) & real.any(dim=1)).any()
-    # the one host-device synchronisation of this forward: four scalars at once
-    total, n_seq, max_seqlen, left = torch.stack([flat_real.sum(), flat_starts.sum(), lengths.max(),
-                                                  left_t.long()]).tolist()
+    checked = extra_check if extra_check is not None else left_t
+    # the one host-device synchronisation of this forward: five scalars at once
+    total, n_seq, max_seqlen, left, extra = torch.stack([flat_real.sum(), flat_starts.sum(), lengths.max(),
+                                                         left_t.long(), checked.long()]).tolist()
+    extra = bool(extra) if extra_check is not None else None
     if total == n_cells and n_seq == batch:
-        return Layout("dense", batch, q_len, q_len, syncs=1)
+        return Layout("dense", batch, q_len, q_len, syncs=1, extra_check=extra)
     cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
     # packed rows without padding need no gather: every token is real, in place
     indices = None if total == n_cells else _nonzero_1d(flat_real, total)
     segment_ids = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
     return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1)
+                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1,
+                  extra_check=extra)
 
 
 def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, q_len: int) -> Layout:

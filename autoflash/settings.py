@@ -13,6 +13,7 @@ from autoflash._startup import DISABLE_VARIABLE, disabled_by_env
 
 BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
+UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
 BACKEND_CHOICES = ("auto", "flash_attn", "torch", "sdpa")
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -24,9 +25,11 @@ class Settings:
     disabled: bool
     backend: str  # one of BACKEND_CHOICES
     log_level: str  # one of LOG_CHOICES
+    unpad_model: bool = True  # False: padding is removed inside attention only (autoflash/unpad_model.py)
 
     def as_dict(self) -> dict:
-        return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level}
+        return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level,
+                UNPAD_MODEL_VARIABLE: self.unpad_model}
 
 
 def _choice(variable: str, choices, default: str) -> str:
@@ -46,6 +49,7 @@ def settings() -> Settings:
         disabled=disabled_by_env(),
         backend=_choice(BACKEND_VARIABLE, BACKEND_CHOICES, "auto"),
         log_level=_choice(LOG_VARIABLE, tuple(LOG_CHOICES), "warning"),
+        unpad_model=_choice(UNPAD_MODEL_VARIABLE, ("1", "0"), "1") == "1",
     )
     _configure_logger(result.log_level)
     return result

@@ -1,120 +1,294 @@
 """Padding removal for the whole decoder stack, not only for attention.
 
-Unpadding inside attention alone still leaves every projection, MLP and norm computing
-on padding: on LLaMA-3-8B-shaped layers with lengths U(128, 4096), 42 % of a padded
-batch's tokens are padding. For a forward that builds no cache (training, scoring),
-autoflash therefore packs the batch's real tokens into one row before the first layer
-(their original position ids preserved, ``cu_seqlens`` marking the rows and any packed
-sequences), runs the layers on that row, and scatters the final hidden states back to
-the padded shape; padded positions come back as zeros.
+Unpadding inside attention alone still leaves the embedding, every projection, MLP and
+norm, the LM head and the loss computing on padding: on LLaMA-3-8B-shaped layers with
+lengths U(128, 4096), 44 % of a padded batch's tokens are padding. For a padded forward
+that fills no cache for later decoding (training, evaluation, scoring), autoflash packs
+the batch's real tokens into one row right after the embedding (their position ids kept,
+``cu_seqlens`` marking each sequence), runs the layers on that row, and scatters the
+outputs back to the padded shape: padded positions hold zeros. ``autoflash.packed_loss``
+goes one step further when labels are given: logits and loss on the real tokens only.
 
-The only thing this changes is what padded positions hold, which nothing may depend on:
-a loss term predicted *from* a padding position (the first real token of a left-padded
-row, when its label is not -100) differs between every pair of implementations already
-(../shared/FINDINGS.md item 4); autoflash says so once when it sees such a batch.
+Where this would change an answer it is not done, and the per-layer path (unpad inside
+attention, pad on the way out) runs instead, with one debug line per reason
+(``why_keep_padding``): a cache passed in or a call from ``generate``, a mask that is
+not a 2-D key-padding mask, per-layer attention weights asked for, a model class
+autoflash does not know, ``AUTOFLASH_UNPAD_MODEL=0``. A forward that returns a cache only
+because ``use_cache`` defaults to True keeps the saving: the cache built on the packed
+row is returned in the padded layout, equal to eager's at real positions.
+
+How the sequence boundaries reach attention: transformers >= 4.48 passes the keyword
+arguments ``cu_seq_lens_q/k`` and ``max_length_q/k`` from ``LlamaModel.forward`` to the
+attention function (4.48-4.5x drop them under gradient checkpointing); 4.37-4.47 pass
+nothing on. So the boundaries are also published for the duration of the forward
+(``packed_boundaries``), and the attention entry points of the older eras read them
+where the call brought none.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+from typing import Optional
 
 import torch
 
-from autoflash.layout import plan_without_cache
-from autoflash.settings import logger
+from autoflash.layout import Layout, plan_without_cache
+from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
 
-_said = set()
-
-
-def _once(key, level, message):
-    if key not in _said:
-        _said.add(key)
-        logger.log(level, message)
+WHOLE_MODEL = "whole-model"
+PER_LAYER = "per-layer"
 
 
-def _wants_per_layer_outputs(module, kwargs) -> bool:
-    config = module.config
-    return any(kwargs.get(name, getattr(config, name, False))
-               for name in ("output_hidden_states", "output_attentions"))
+class _ThreadState(threading.local):
+    generating = 0  # depth of generate() calls on this thread
+    handoff = None  # (LlamaModel, Handoff) set by packed_loss for the model call it makes next
+    boundaries = None  # the packed row's cu_seqlens while a legacy-era forward runs
+    last = None  # (path, reason) of the last LlamaModel forward that had padding to remove
 
 
-def eligible(module, attention_mask, kwargs, attention_name) -> bool:
-    """Whole-stack unpadding applies to padded forwards that build no cache and return no per-layer outputs."""
-    if module.config._attn_implementation != attention_name:
-        return False
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        return False
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-        return False
-    if "cu_seq_lens_q" in kwargs or _wants_per_layer_outputs(module, kwargs):
-        return False
+_thread = _ThreadState()
+_logged = set()
+
+
+class Handoff:
+    """What ``packed_loss`` decided before calling the model: its plan, or why padding stays."""
+
+    def __init__(self, plan: Optional[Layout] = None, keep_padding: Optional[str] = None, packed_output=False):
+        self.plan, self.keep_padding, self.packed_output = plan, keep_padding, packed_output
+
+
+def last_decision() -> Optional[dict]:
+    """The path the last padded forward on this thread took, and why: for tests, ``status()`` and doctor."""
+    if _thread.last is None:
+        return None
+    path, reason = _thread.last
+    return {"path": path, "reason": reason}
+
+
+def record(path: str, reason: Optional[str]) -> None:
+    _thread.last = (path, reason)
+    if reason is not None and reason not in _logged:
+        _logged.add(reason)
+        logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)
+
+
+def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
+    """cu_seq_lens_q/k and max_length_q/k of the packed row being run, for an attention call
+    of that row that was not given them, else None.
+
+    transformers 4.37-4.47 pass no such arguments to attention at all, and 4.48-4.5x drop
+    them under gradient checkpointing; the packed row's position ids alone cannot always
+    tell where a sequence ends (a left-padded row's positions continue past the previous row's).
+    """
+    published = _thread.boundaries
+    if published is None or batch != 1 or q_len != published[0]:
+        return None
+    return published[1]
+
+
+# -- when -----------------------------------------------------------------------------------------
+
+def wants_cache(module, kwargs) -> bool:
     use_cache = kwargs.get("use_cache")
-    if use_cache is False:
-        return True
-    # A training step asks for a cache only because config.use_cache defaults to True;
-    # transformers itself drops it under gradient checkpointing.
-    return module.training and torch.is_grad_enabled()
+    return bool(use_cache if use_cache is not None else getattr(module.config, "use_cache", False))
 
 
-def wrap(original, attention_name, mask_for_packed_row=True):
-    """LlamaModel.forward, with padding removed from the whole stack where ``eligible``.
+def runs_autoflash(module, attention_name) -> bool:
+    """Models loaded with another implementation (eager, say) are left entirely alone."""
+    return module.config._attn_implementation == attention_name
 
-    ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
-    otherwise search its position ids for boundaries, a second host sync) or none (earlier
-    releases scan a mask they are given instead).
+
+def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name) -> Optional[str]:
+    """None where the whole stack may run on the real tokens; else the reason it may not."""
+    if not settings().unpad_model:
+        return f"{UNPAD_MODEL_VARIABLE}=0"
+    if type(module) is not model_class:
+        return f"{type(module).__qualname__} is a subclass of {model_class.__name__} autoflash does not know"
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return "the attention mask is not a 2-D key-padding mask"
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "a KV cache was passed in"
+    if _thread.generating:
+        return "the call comes from generate(), which decodes from the cache it fills"
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return "the caller passed cu_seq_lens_q (the batch is packed already)"
+    if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
+        return "output_attentions=True asks for per-layer weights in the padded layout"
+    if kwargs.get("return_dict") is False:
+        return "return_dict=False"
+    return None
+
+
+def plan(module, attention_mask, position_ids, batch, length, device, extra_check=None) -> Layout:
+    """The packed layout of this forward (its one host sync); ``extra_check`` rides along on it."""
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    return plan_without_cache(mask, _positions(position_ids, batch, length, device), batch, length, device,
+                              extra_check=extra_check)
+
+
+def _positions(position_ids, batch, length, device):
+    # eager's own default: positions 0..length-1 in every row, left padding included (RoPE
+    # depends on position differences only, so this equals positions counted from each row's
+    # first real token)
+    positions = position_ids if position_ids is not None else torch.arange(length, device=device)[None]
+    return positions.expand(batch, length)
+
+
+# -- the wrapper of LlamaModel.forward ------------------------------------------------------------
+
+def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_for_packed_row=True):
+    """LlamaModel.forward, with padding removed from the whole stack where ``why_keep_padding`` allows.
+
+    ``boundaries_as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k to attention
+    (else ``packed_boundaries`` publishes them). ``mask_for_packed_row``: hand the packed row
+    an all-ones mask (transformers >= 4.53 would otherwise search its position ids for
+    boundaries, a second host sync) or none (earlier releases scan a mask they are given).
     """
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        if args or not eligible(self, attention_mask, kwargs, attention_name):
+        handoff = _take_handoff(self)
+        if handoff is not None and handoff.keep_padding is not None:
+            if attention_mask is not None:
+                record(PER_LAYER, handoff.keep_padding)
             return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
-        return _packed_forward(original, self, input_ids, attention_mask, position_ids, kwargs,
-                               mask_for_packed_row)
+        if handoff is None:
+            # no mask: nothing to remove (packed rows are handled per layer, with no gather)
+            if attention_mask is None or not runs_autoflash(self, attention_name):
+                return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+            reason = "positional arguments after position_ids" if args else \
+                why_keep_padding(self, model_class, attention_mask, kwargs, attention_name)
+            if reason is not None:
+                record(PER_LAYER, reason)
+                return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+        source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch, length = source.shape[:2]
+        layout = handoff.plan if handoff is not None else \
+            plan(self, attention_mask, position_ids, batch, length, source.device)
+        record(WHOLE_MODEL, None)
+        return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs,
+                              mask_for_packed_row, packed_output=handoff is not None and handoff.packed_output)
 
     forward.__wrapped__ = original
     return forward
 
 
-def _packed_forward(original, module, input_ids, attention_mask, position_ids, kwargs, mask_for_packed_row):
+def run_with_handoff(model, handoff: Handoff, function, *args, **kwargs):
+    """Run ``function``, in which ``model`` (a LlamaModel) is called once with a decision already made.
+
+    The model is still called through its ``__call__``, so hooks on it (accelerate's device
+    placement, PEFT) run as usual.
+    """
+    _thread.handoff = (model, handoff)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _thread.handoff = None
+
+
+def _take_handoff(model) -> Optional[Handoff]:
+    pending = _thread.handoff
+    if pending is None or pending[0] is not model:
+        return None
+    _thread.handoff = None
+    return pending[1]
+
+
+class Generating:
+    """Marks generate() calls on this thread: their first forward fills the cache they decode from."""
+
+    def __enter__(self):
+        _thread.generating += 1
+
+    def __exit__(self, *exc):
+        _thread.generating -= 1
+
+
+def wrap_generate(original):
+    @functools.wraps(original)
+    def generate(self, *args, **kwargs):
+        with Generating():
+            return original(self, *args, **kwargs)
+
+    generate.__wrapped__ = original
+    return generate
+
+
+# -- the packed forward ---------------------------------------------------------------------------
+
+def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
+    if layout.kind == "dense":  # no padding: every row is one sequence of the full length
+        cu_seqlens = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
+        return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=length, max_length_k=length)
+    return dict(cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens, max_length_q=layout.max_seqlen,
+                max_length_k=layout.max_seqlen)
+
+
+def pack(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(batch, length, ...) -> (1, real tokens, ...)."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return (flat if layout.indices is None else flat.index_select(0, layout.indices)).unsqueeze(0)
+
+
+def scatter(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(1, real tokens, ...) -> (batch, length, ...), zeros on padding."""
+    flat = x[0]
+    if layout.indices is not None:
+        flat = flat.new_zeros(layout.batch * layout.q_len, *flat.shape[1:]).index_copy(0, layout.indices, flat)
+    return flat.view(layout.batch, layout.q_len, *flat.shape[1:])
+
+
+def packed_forward(original, module, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs=True,
+                   mask_for_packed_row=True, packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
-    batch, length = source.shape[:2]
-    device = source.device
-    mask = attention_mask.to(device=device, dtype=torch.bool)
-    positions = position_ids if position_ids is not None else torch.arange(length, device=device)[None]
-    positions = positions.expand(batch, length)
-    plan = plan_without_cache(mask, positions, batch, length, device)  # the forward's one host sync
-    if plan.kind == "dense":  # no padding: every row is one sequence of the full length
-        cu_seqlens = torch.arange(batch + 1, device=device, dtype=torch.int32) * length
-        max_seqlen, take = length, None
-    else:
-        cu_seqlens, max_seqlen, take = plan.cu_seqlens, plan.max_seqlen, plan.indices
-        if module.training and torch.is_grad_enabled() and plan.left_padded:
-            _once("left", 20, "autoflash: left-padded training batch; padded positions hold zeros after padding "
-                              "removal, so a label predicted from a padding position (each row's first real token) "
-                              "gives a different loss than eager would. Set those labels to -100.")
-
-    def pack(x):
-        flat = x.reshape(batch * length, *x.shape[2:])
-        return (flat if take is None else flat.index_select(0, take)).unsqueeze(0)
-
-    if kwargs.get("use_cache") is not False:
-        _once("cache", 20, "autoflash: a padded training forward builds no KV cache (padding removal packs the batch)")
-    kwargs.update(use_cache=False, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
-                  max_length_k=max_seqlen)
-    packed_positions = pack(positions)
+    batch, length, device = source.shape[0], source.shape[1], source.device
+    boundaries = boundaries_of(layout, batch, length, device)
+    packed_positions = pack(_positions(position_ids, batch, length, device), layout)
     # An all-ones mask: without one, transformers would search the packed position ids for
     # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
     no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if mask_for_packed_row else None
-    out = original(module, pack(input_ids) if input_ids is not None else None, no_padding, packed_positions,
-                   inputs_embeds=pack(inputs_embeds) if inputs_embeds is not None else None, **kwargs)
-    hidden = out[0][0]  # (total, hidden)
-    if take is None:
-        padded = hidden.view(batch, length, -1)
-    else:
-        padded = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, take, hidden)
-        padded = padded.view(batch, length, -1)
-    if isinstance(out, tuple):
-        return (padded,) + tuple(out[1:])
-    out["last_hidden_state"] = padded
+    if inputs_embeds is not None:
+        kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
+    if boundaries_as_kwargs:
+        kwargs.update(boundaries)
+    _thread.boundaries = (packed_positions.shape[1], boundaries)
+    try:
+        out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
+                       packed_positions, **kwargs)
+    finally:
+        _thread.boundaries = None
+    if isinstance(out, tuple):  # transformers 4.37-4.4x with return_dict=False never comes here
+        raise TypeError("autoflash: LlamaModel.forward returned a tuple on the packed path")
+    if not packed_output:
+        out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
+    if out.get("hidden_states") is not None:
+        out["hidden_states"] = tuple(scatter(h, layout) for h in out["hidden_states"])
+    for name in [k for k in out.keys() if k in ("past_key_values", "cache")]:  # renamed in 5.2x
+        out[name] = repad_cache(out[name], layout)
     return out
 
+
+def repad_cache(cache, layout: Layout):
+    """A KV cache filled on the packed row, in the padded layout eager would have built.
+
+    Covers what LLaMA builds when no cache is passed in: legacy tuples (transformers < 4.4x),
+    ``DynamicCache`` with per-layer lists (4.36-4.55) or with ``layers`` (4.56+, 5.x).
+    """
+    def repad(t):  # (1, kv_heads, real tokens, dim) -> (batch, kv_heads, length, dim)
+        return scatter(t.transpose(1, 2), layout).transpose(1, 2)
+
+    if isinstance(cache, tuple):
+        return tuple(tuple(repad(t) for t in layer) for layer in cache)
+    if getattr(cache, "layers", None) is not None:
+        for layer in cache.layers:
+            layer.keys, layer.values = repad(layer.keys), repad(layer.values)
+        return cache
+    if isinstance(getattr(cache, "key_cache", None), list):
+        cache.key_cache[:] = [repad(t) for t in cache.key_cache]
+        cache.value_cache[:] = [repad(t) for t in cache.value_cache]
+        if hasattr(cache, "_seen_tokens"):  # transformers 4.36-4.4x count tokens seen separately
+            cache._seen_tokens = layout.q_len
+        return cache
+    raise TypeError(f"autoflash: cannot lay out a {type(cache).__name__} built on a packed row in the padded "
+                    f"form; set {UNPAD_MODEL_VARIABLE}=0 and please report this")

@@ -6,7 +6,9 @@ float32 rounding of a differently ordered reduction.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 
 import pytest
 import torch
@@ -64,6 +66,33 @@ def model_pair(seed: int = 0, dtype=torch.float32, device="cpu", **overrides):
     eager.load_state_dict(fast.state_dict())
     assert fast.config._attn_implementation == expected and eager.config._attn_implementation == "eager"
     return fast.to(device=device, dtype=dtype), eager.to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def whole_model_padding_removal(enabled: bool):
+    """Run the body with AUTOFLASH_UNPAD_MODEL set to 1 or 0 (the switch is read once per process)."""
+    from autoflash import settings as settings_module
+
+    variable = settings_module.UNPAD_MODEL_VARIABLE
+    before = os.environ.get(variable)
+    os.environ[variable] = "1" if enabled else "0"
+    settings_module.settings.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
+        settings_module.settings.cache_clear()
+
+
+def last_path() -> str:
+    """Which path the last padded forward took: "whole-model" or "per-layer"."""
+    from autoflash import unpad_model
+
+    decision = unpad_model.last_decision()
+    return decision and decision["path"]
 
 
 def dynamic_cache(config):

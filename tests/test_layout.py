@@ -4,7 +4,7 @@ import torch
 
 from autoflash import layout as layout_module
 from autoflash.layout import pad, plan_with_cache, plan_without_cache, unpad
-from conftest import model_pair, padding_mask
+from conftest import model_pair, padding_mask, whole_model_padding_removal
 
 
 def test_right_and_left_padding_give_one_sequence_per_row():
@@ -82,13 +82,13 @@ def test_plan_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
 
     monkeypatch.setattr(layout_module, "plan_without_cache", counting)
     fast, _ = model_pair(seed=1, num_hidden_layers=4)
-    fast.eval()  # the per-layer path: a training forward unpads the whole stack once instead
     mask = padding_mask([5, 2, 4], "right")
     ids = torch.randint(3, 97, mask.shape)
-    fast(input_ids=ids, attention_mask=mask)
-    assert len(calls) == 1
-    fast(input_ids=ids, attention_mask=mask.clone())
-    assert len(calls) == 2
+    with whole_model_padding_removal(False):  # the per-layer path; the whole-model path plans before layer 1
+        fast(input_ids=ids, attention_mask=mask)
+        assert len(calls) == 1
+        fast(input_ids=ids, attention_mask=mask.clone())
+        assert len(calls) == 2
 
 
 def test_static_cache_decode_step_with_fill_levels_needs_no_sync():

@@ -113,7 +113,7 @@ def test_patch_records_what_it_replaced(llama):
     patch = hooks._applied[llama.__name__]
     assert [where for where, _ in patch.replaced] == [
         f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
-        "LlamaModel.forward"]
+        "LlamaModel.forward", "LlamaForCausalLM.forward", "LlamaForCausalLM.generate"]
 
 
 @routed_only

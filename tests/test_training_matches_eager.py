@@ -9,23 +9,20 @@ import pytest
 import torch
 
 from autoflash import dispatch
-from conftest import (FLOAT32_RTOL, labels_for, legacy_era, model_pair, padding_mask, relative_error, train_step,
-                      worst_gradient_error)
+from conftest import (FLOAT32_RTOL, labels_for, last_path, legacy_era, model_pair, padding_mask, relative_error,
+                      train_step, whole_model_padding_removal, worst_gradient_error)
 
 BACKENDS = ["auto", "reference"]
-# "whole": a training forward packs the real tokens of the whole decoder stack into one row
-# (autoflash.unpad_model); "per-layer": an evaluation forward with a cache unpads inside
-# attention only. Both must equal eager.
+# "whole": the real tokens of the whole decoder stack packed into one row (autoflash.unpad_model);
+# "per-layer": AUTOFLASH_UNPAD_MODEL=0, padding removed inside attention only. Both must equal eager.
 STACKS = ["whole", "per-layer"]
 
 
-def _set_stack(model, stack):
-    model.train(stack == "whole")
-
-
-def _assert_matches(fast, eager, backend, real, **inputs):
-    with dispatch.forced(backend):
+def _assert_matches(fast, eager, backend, real, stack="whole", **inputs):
+    with dispatch.forced(backend), whole_model_padding_removal(stack == "whole"):
         logits, grads = train_step(fast, **inputs)
+        if inputs.get("attention_mask") is not None and not bool(inputs["attention_mask"].all()):
+            assert last_path() == ("whole-model" if stack == "whole" else "per-layer")
     ref_logits, ref_grads = train_step(eager, **inputs)
     assert relative_error(logits[real], ref_logits[real]) < FLOAT32_RTOL
     error, name = worst_gradient_error(grads, ref_grads)
@@ -38,10 +35,9 @@ def _assert_matches(fast, eager, backend, real, **inputs):
 @pytest.mark.parametrize("lengths", [[7, 3, 1, 5], [1, 1], [16, 9, 12], [33, 2, 20, 1, 17]])
 def test_padded_batch_matches_eager(stack, backend, side, lengths):
     fast, eager = model_pair(seed=len(lengths))
-    _set_stack(fast, stack)
     mask = padding_mask(lengths, side)
     ids = torch.randint(3, 97, mask.shape)
-    _assert_matches(fast, eager, backend, mask.bool(), input_ids=ids, attention_mask=mask,
+    _assert_matches(fast, eager, backend, mask.bool(), stack, input_ids=ids, attention_mask=mask,
                     labels=labels_for(ids, mask))
 
 
@@ -50,10 +46,9 @@ def test_padded_batch_matches_eager(stack, backend, side, lengths):
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_batch_without_padding_matches_eager(stack, backend, with_mask):
     fast, eager = model_pair(seed=3)
-    _set_stack(fast, stack)
     ids = torch.randint(3, 97, (3, 11))
     extra = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
-    _assert_matches(fast, eager, backend, torch.ones_like(ids, dtype=torch.bool), input_ids=ids, labels=ids,
+    _assert_matches(fast, eager, backend, torch.ones_like(ids, dtype=torch.bool), stack, input_ids=ids, labels=ids,
                     **extra)
 
 
@@ -68,23 +63,6 @@ def test_random_seeds_and_gqa_ratios_match_eager(seed):
     ids = torch.randint(3, 97, mask.shape, generator=generator)
     _assert_matches(fast, eager, "reference", mask.bool(), input_ids=ids, attention_mask=mask,
                     labels=labels_for(ids, mask))
-
-
-def test_padded_training_forward_runs_the_layers_on_real_tokens_only():
-    if legacy_era():
-        pytest.skip("transformers < 4.48: LlamaModel.forward takes no cu_seq_lens_q, so padding is removed per layer")
-    fast, _ = model_pair(seed=2)
-    shapes = []
-    fast.model.layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
-    mask = padding_mask([9, 4, 1], "left")
-    ids = torch.randint(3, 97, mask.shape)
-    out = fast(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
-    assert shapes == [(1, 14, 64)]
-    assert out.logits.shape == (3, 9, 97)
-    fast.eval()
-    with torch.no_grad():
-        fast(input_ids=ids, attention_mask=mask)
-    assert shapes[-1] == (3, 9, 64)  # an evaluation forward with a cache keeps the padded layout
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -16,18 +16,22 @@ to ``flash_attention_2`` without transformers' check that the flash-attn package
 installed (``_autoset_attn_implementation``); ``eager`` is honoured. Their config says
 ``flash_attention_2``; the kernels are autoflash's.
 
+Padding is removed from the whole decoder stack as in later eras; ``LlamaModel.forward``
+takes no extra keyword arguments here, so the packed row's boundaries reach the routed
+function through ``unpad_model.packed_boundaries``.
+
 Known gaps of this era (transformers' own flash-attention class sets them): a static cache
-is refused by that class, ``output_attentions`` returns no weights (autoflash says so once),
-and whole-stack padding removal is not applied (``LlamaModel.forward`` takes no extra
-keyword arguments there).
+is refused by that class, and ``output_attentions`` returns no weights (autoflash says so once).
 """
 
 from __future__ import annotations
 
 from typing import List
 
+from autoflash import unpad_model
 from autoflash.attention import attention_forward
 from autoflash.patches.base import Patch
+from autoflash.patches.whole_model import remove_padding_for_whole_model
 from autoflash.settings import logger
 
 ERA = "attention-classes"
@@ -61,8 +65,11 @@ def _run(module_or_caller, query, key, value, attention_mask, dropout, softmax_s
     # this era's flash path holds q/k/v as (batch, len, heads, dim); autoflash's function takes
     # transformers' other layout, (batch, heads, len, dim), and returns (batch, len, heads, dim)
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    # the whole-stack packed row: its boundaries, which this era's model code does not pass on
+    boundaries = unpad_model.packed_boundaries(query.shape[0], query.shape[1]) or {}
     out, _ = attention_forward(module_or_caller, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids)
+                               mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids,
+                               **boundaries)
     return out
 
 
@@ -127,6 +134,8 @@ def apply(module) -> Patch:
             patch.set_attribute(module, "_flash_attention_forward", _module_level)
         else:
             patch.set_attribute(attention_class, "_flash_attention_forward", _method)
+        remove_padding_for_whole_model(patch, module, "flash_attention_2", boundaries_as_kwargs=False,
+                                       mask_for_packed_row=False)
     except BaseException:
         patch.undo()
         raise

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import List
 
-from autoflash import unpad_model
 from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
 from autoflash.patches.base import Patch
+from autoflash.patches.whole_model import remove_padding_for_whole_model
 
 ERA = "attention-interface"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
@@ -65,7 +65,7 @@ def apply(module) -> Patch:
 
         _check_and_adjust_attn_implementation.__wrapped__ = original
         patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
-        patch.set_attribute(module.LlamaModel, "forward", unpad_model.wrap(module.LlamaModel.forward, ATTENTION_NAME))
+        remove_padding_for_whole_model(patch, module, ATTENTION_NAME)
     except BaseException:
         patch.undo()
         raise

@@ -26,6 +26,7 @@ from autoflash import unpad_model
 from autoflash.attention import attention_forward, mask_function
 from autoflash.patches.attention_classes import REPLACED_REQUESTS, route_requests
 from autoflash.patches.base import Patch
+from autoflash.patches.whole_model import remove_padding_for_whole_model
 
 ERA = "attention-route"
 ROUTED_NAME = "flash_attention_2"
@@ -53,6 +54,8 @@ def _routed_attention(module, query, key, value, attention_mask, **kwargs):
         positions = getattr(module, "_autoflash_cache_position", None)
         if positions is not None:
             attention_mask = mask_function(query.shape[0], query.shape[2], key.shape[2], cache_position=positions)
+    if kwargs.get("cu_seq_lens_q") is None:  # dropped under gradient checkpointing in these releases
+        kwargs.update(unpad_model.packed_boundaries(query.shape[0], query.shape[2]) or {})
     return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -92,8 +95,7 @@ def apply(module) -> Patch:
         patch.set_attribute(module.LlamaAttention, "forward", forward)
         # no all-ones mask for the packed row: this era's model code would scan it (a host sync)
         # and finds no packed sequences by itself anyway
-        patch.set_attribute(module.LlamaModel, "forward",
-                            unpad_model.wrap(module.LlamaModel.forward, ROUTED_NAME, mask_for_packed_row=False))
+        remove_padding_for_whole_model(patch, module, ROUTED_NAME, mask_for_packed_row=False)
     except BaseException:
         patch.undo()
         raise

@@ -1,0 +1,179 @@
+"""Logits and loss on the real tokens only, for LlamaForCausalLM forwards given labels.
+
+After ``autoflash.unpad_model`` has run the decoder stack on the packed row, the LM head
+and the loss need not see padding either: the largest tensor of a training step is the
+logits, ``[batch, padded length, vocab]`` (then once more in float32 for the loss). Here
+the LM head runs on the real tokens and the loss on their shifted labels, exactly as
+transformers defines it (targets ``labels[t + 1]``, ``-100`` ignored, ``num_items_in_batch``
+dividing a summed loss), so the loss equals eager's.
+
+The padded ``logits`` are built only if the caller reads them (``out.logits``,
+``out["logits"]``, ``out[1]``, ``to_tuple()``, ``items()``): a training loop that only calls
+``out.loss.backward()`` never allocates them. Padded positions then hold the LM head of
+zero hidden states.
+
+The one answer this cannot reproduce is a loss term predicted *from* a padding position
+(a label that is not -100 right after padding: the first real token of a left-padded row,
+../shared/FINDINGS.md item 4); such a batch runs on the per-layer path, padded as eager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import torch
+
+from autoflash import unpad_model
+
+_IGNORE = -100
+# LlamaForCausalLM.forward's own arguments: everything else is passed on to the model, as its forward does
+_LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
+
+
+def wrap(original, lm_class, attention_name):
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if not unpad_model.runs_autoflash(self, attention_name):
+            return original(self, *args, **kwargs)
+        if type(self) is not lm_class:  # its own code may depend on the padded layout
+            return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
+                                          "autoflash does not know", original, args, kwargs)
+        if kwargs.get("labels") is None and not (args and _bound_labels(signature, self, args, kwargs) is not None):
+            return original(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # let transformers say what is wrong
+        call = dict(bound.arguments)
+        call.pop(next(iter(signature.parameters)))  # self
+        call.update(call.pop(var_keyword, None) or {})
+        return _forward_with_labels(original, self, lm_class, attention_name, args, kwargs, call)
+
+    forward.__wrapped__ = original
+    return forward
+
+
+def _bound_labels(signature, module, args, kwargs):
+    try:
+        return signature.bind(module, *args, **kwargs).arguments.get("labels")
+    except TypeError:
+        return None
+
+
+def _forward_with_labels(original, module, lm_class, attention_name, args, kwargs, call):
+    mask, labels = call.get("attention_mask"), call["labels"]
+    reason = unpad_model.why_keep_padding(module, lm_class, mask, call, attention_name)
+    if reason is None and call.get("logits_to_keep", call.get("num_logits_to_keep", 0)) not in (0, None):
+        reason = "logits_to_keep is set"
+    if reason is None and (not isinstance(labels, torch.Tensor) or labels.shape != mask.shape):
+        reason = "labels do not have the attention mask's shape"
+    if reason is not None:
+        return _keeping_padding(module, reason, original, args, kwargs)
+
+    device = mask.device
+    shift_labels = call.get("shift_labels")
+    if shift_labels is None:  # transformers' convention: position t predicts labels[t + 1]
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=_IGNORE)[:, 1:]
+    shift_labels = shift_labels.to(device)
+    real = mask.to(device=device, dtype=torch.bool)
+    predicted_from_padding = ((shift_labels != _IGNORE) & ~real).any()
+    batch, length = mask.shape
+    layout = unpad_model.plan(module.model, mask, call.get("position_ids"), batch, length, device,
+                              extra_check=predicted_from_padding)
+    model_kwargs = {k: v for k, v in call.items() if k not in _LM_ONLY}
+    if layout.extra_check:
+        return _keeping_padding(module, "a label predicted from a padding position is not -100 (set it to -100 "
+                                        "to keep the saving)", original, args, kwargs)
+
+    out = unpad_model.run_with_handoff(module.model, unpad_model.Handoff(plan=layout, packed_output=True),
+                                       module.model, **model_kwargs)
+    hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
+    logits = module.lm_head(hidden)
+    loss = _loss(module, logits, unpad_model.pack(shift_labels, layout), call)
+    lm_head = module.lm_head
+    return _output(out, loss, lambda: lm_head(unpad_model.scatter(hidden, layout)))
+
+
+def _keeping_padding(module, reason, original, args, kwargs):
+    """The original forward, its LlamaModel told to keep the padded layout (and why)."""
+    return unpad_model.run_with_handoff(getattr(module, "model", None), unpad_model.Handoff(keep_padding=reason),
+                                        original, module, *args, **kwargs)
+
+
+def _loss(module, logits, shift_labels, call):
+    """transformers' causal-LM loss over the real tokens' (already shifted) labels."""
+    extra = {k: v for k, v in call.items() if k not in _LM_ONLY and k not in _MODEL_ARGUMENTS}
+    loss_function = getattr(module, "loss_function", None)  # transformers >= 4.46
+    if loss_function is not None and "shift_labels" in inspect.signature(loss_function).parameters:
+        return loss_function(logits=logits, labels=None, vocab_size=module.config.vocab_size,
+                             shift_labels=shift_labels, **extra)
+    # transformers < 4.5x compute it inline (or without shift_labels): mean over counted
+    # targets, or the sum over num_items_in_batch when the Trainer passes it
+    items = extra.get("num_items_in_batch")
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                                             ignore_index=_IGNORE, reduction="sum" if items is not None else "mean")
+    return loss / items if items is not None else loss
+
+
+_MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds",
+                    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
+
+
+# -- the output, with padded logits built on first use ---------------------------------------------
+
+def _output(model_out, loss, build_logits):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    placeholder = torch.empty(0)  # holds the logits' place in the output's key order until built
+    fields = {}
+    for f in dataclasses.fields(CausalLMOutputWithPast):
+        if f.name == "loss":
+            fields[f.name] = loss
+        elif f.name == "logits":
+            fields[f.name] = placeholder
+        else:
+            fields[f.name] = model_out.get(f.name)
+    out = _lazy_class(CausalLMOutputWithPast)(**fields)
+    out.__dict__["_autoflash_build_logits"] = build_logits
+    return out
+
+
+def _build(output) -> None:
+    build = output.__dict__.pop("_autoflash_build_logits", None)
+    if build is not None:
+        output.logits = build()
+
+
+@functools.lru_cache(maxsize=None)
+def _lazy_class(base):
+    class WithPackedLogits(base):
+        def __getattribute__(self, name):
+            if name == "logits":
+                _build(self)
+            return super().__getattribute__(name)
+
+        def __getitem__(self, key):
+            _build(self)
+            return super().__getitem__(key)
+
+        def to_tuple(self):
+            _build(self)
+            return super().to_tuple()
+
+        def items(self):
+            _build(self)
+            return super().items()
+
+        def values(self):
+            _build(self)
+            return super().values()
+
+    WithPackedLogits.__name__ = base.__name__
+    WithPackedLogits.__qualname__ = base.__qualname__
+    WithPackedLogits.__module__ = base.__module__
+    return WithPackedLogits
