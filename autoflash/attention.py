@@ -50,10 +50,64 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     return torch.as_tensor(fill, dtype=torch.int32, device=device).reshape(1).expand(batch_size).contiguous()
 
 
-@torch.compiler.disable  # transformers compiles static-cache decoding; keep these Python decisions eager
+class PackedRow:
+    """The whole-model packed row of one forward (``autoflash.unpad_model``), shared by its layers.
+
+    Which backend serves the row is decided once, before the first layer, in eager Python
+    (``decide``); each layer then only calls that backend, plain tensor code that
+    torch.compile traces into the model's graph: no graph break per layer. A layer whose
+    call differs from the one decided for (a dtype or head count of its own) takes the
+    general path.
+    """
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.call = None
+        self.backend = None
+
+    @torch.compiler.disable
+    def decide(self, config, device, hidden_dtype, training: bool, needs_grad: bool) -> None:
+        dtype = hidden_dtype
+        if device.type == "cuda" and dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")  # what q_proj returns, as _to_kernel_dtype would cast
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        total = self.layout.q_len
+        self.call = AttentionCall(
+            kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
+            num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
+            kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
+            needs_grad=needs_grad)
+        self.backend = BY_NAME[dispatch.choose(self.call).backend]
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
+    packed = kwargs.get("autoflash_packed_row")
+    if packed is not None and packed.backend is not None and _same_call(packed.call, query, key, dropout, is_causal,
+                                                                        module, kwargs):
+        scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
+        out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
+        return (out if out.dtype == query.dtype else out.to(query.dtype)), None
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+
+
+def _same_call(call, query, key, dropout, is_causal, module, kwargs) -> bool:
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (not kwargs.get("output_attentions") and query.dtype == call.dtype and query.shape[0] == 1
+            and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
+            and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal)
+    # (needs_grad is not compared: no backend's choice for a varlen call depends on it)
+
+
+def _needs_grad(query, key, value) -> bool:
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+
+
+@torch.compiler.disable  # transformers compiles static-cache decoding; keep these Python decisions eager
+def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                       **kwargs):
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if attention_mask is not None and attention_mask.dim() > 2:
@@ -72,14 +126,18 @@ def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwa
     """The forward's layout (computed by its first layer) and this call's record for dispatch."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    layout = plan_for(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
-                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+    packed = kwargs.get("autoflash_packed_row")
+    if packed is not None and batch == 1 and q_len == kv_len == packed.layout.q_len:
+        layout = packed.layout
+    else:
+        layout = plan_for(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
+                          kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = AttentionCall(
         kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
         q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
-        needs_grad=torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
+        needs_grad=_needs_grad(query, key, value),
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
     )
     return layout, call

@@ -33,7 +33,8 @@ from typing import Optional
 
 import torch
 
-from autoflash.layout import Layout, plan_without_cache
+from autoflash.attention import PackedRow
+from autoflash.layout import Layout, plan_from_given_boundaries, plan_without_cache
 from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
 
 WHOLE_MODEL = "whole-model"
@@ -66,6 +67,10 @@ def last_decision() -> Optional[dict]:
     return {"path": path, "reason": reason}
 
 
+# Every read and write of the thread state goes through a function torch.compile leaves
+# to Python: a compiled model must not trace (and so freeze) who handed what to whom.
+
+@torch.compiler.disable
 def record(path: str, reason: Optional[str]) -> None:
     _thread.last = (path, reason)
     if reason is not None and reason not in _logged:
@@ -73,6 +78,7 @@ def record(path: str, reason: Optional[str]) -> None:
         logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)
 
 
+@torch.compiler.disable
 def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
     """cu_seq_lens_q/k and max_length_q/k of the packed row being run, for an attention call
     of that row that was not given them, else None.
@@ -109,7 +115,7 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
         return "the attention mask is not a 2-D key-padding mask"
     if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return "a KV cache was passed in"
-    if _thread.generating:
+    if _generating():
         return "the call comes from generate(), which decodes from the cache it fills"
     if kwargs.get("cu_seq_lens_q") is not None:
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
@@ -179,13 +185,29 @@ def run_with_handoff(model, handoff: Handoff, function, *args, **kwargs):
     The model is still called through its ``__call__``, so hooks on it (accelerate's device
     placement, PEFT) run as usual.
     """
-    _thread.handoff = (model, handoff)
+    _set_handoff((model, handoff))
     try:
         return function(*args, **kwargs)
     finally:
-        _thread.handoff = None
+        _set_handoff(None)
 
 
+@torch.compiler.disable
+def _set_handoff(value) -> None:
+    _thread.handoff = value
+
+
+@torch.compiler.disable
+def _set_boundaries(value) -> None:
+    _thread.boundaries = value
+
+
+@torch.compiler.disable
+def _generating() -> bool:
+    return _thread.generating > 0
+
+
+@torch.compiler.disable
 def _take_handoff(model) -> Optional[Handoff]:
     pending = _thread.handoff
     if pending is None or pending[0] is not model:
@@ -252,12 +274,19 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
     if boundaries_as_kwargs:
         kwargs.update(boundaries)
-    _thread.boundaries = (packed_positions.shape[1], boundaries)
+        total = packed_positions.shape[1]
+        row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
+        hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.embed_tokens.weight.dtype
+        grads = torch.is_grad_enabled() and (
+            (inputs_embeds is not None and inputs_embeds.requires_grad) or any(p.requires_grad for p in module.parameters()))
+        row.decide(module.config, device, hidden_dtype, module.training, grads)
+        kwargs["autoflash_packed_row"] = row
+    _set_boundaries((packed_positions.shape[1], boundaries))
     try:
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
     finally:
-        _thread.boundaries = None
+        _set_boundaries(None)
     if isinstance(out, tuple):  # transformers 4.37-4.4x with return_dict=False never comes here
         raise TypeError("autoflash: LlamaModel.forward returned a tuple on the packed path")
     if not packed_output:

@@ -341,3 +341,29 @@ def test_packed_rows_without_padding_need_no_removal():
     shapes = _layer_inputs(fast)
     out = fast(input_ids=ids, position_ids=positions, labels=ids)
     assert shapes == [(1, 12, 64)] and torch.isfinite(out.loss)
+
+
+def test_torch_compile_traces_the_whole_layer_stack_without_a_break_per_layer():
+    import torch._dynamo
+
+    from conftest import legacy_era
+
+    if legacy_era():
+        pytest.skip("transformers < 4.48: the packed row reaches attention without keyword arguments")
+    mask = _mask([9, 4, 1, 6], ["left", "right", "left", "right"])
+    ids = torch.randint(3, 97, mask.shape)
+    labels = labels_for(ids, mask)
+    graphs = {}
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        fast, eager = model_pair(seed=13, num_hidden_layers=layers)
+        explanation = torch._dynamo.explain(fast)(input_ids=ids, attention_mask=mask, labels=labels)
+        graphs[layers] = explanation.graph_count
+    # the breaks that remain are per forward (the plan's host sync, the mask function, the output)
+    assert graphs[2] == graphs[4], graphs
+    torch._dynamo.reset()
+    out = torch.compile(fast, backend="eager")(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = eager(input_ids=ids, attention_mask=mask, labels=labels)
+    assert last_path() == "whole-model"
+    assert relative_error(out.loss, ref.loss) < LOSS_RTOL
+    torch._dynamo.reset()
