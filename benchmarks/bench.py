@@ -10,10 +10,19 @@ and the same data:
     autoflash             autoflash, every backend available (flash-attn first where installed)
     autoflash-torch       autoflash with flash-attn hidden: PyTorch's built-in kernels only
 
+and in W1 also (training):
+
+    fa2 padding-free      the same real tokens packed into one row by the caller (position ids
+                          restarting, cu_seq_lens_q/k, use_cache=False) with flash_attention_2
+    autoflash-per-layer   AUTOFLASH_UNPAD_MODEL=0: padding removed inside attention only
+    autoflash-cache-on    the unchanged loop: use_cache left at its default (a cache is returned)
+    autoflash-torch-per-layer
+
 Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run on a CPU in CI):
 
     w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
     w1packed   the same tokens packed into one row through position_ids
+    (``w1 --profile``: the CUDA kernel time of one step by kind, autoflash against fa2 padding-free)
     w2         decode: batch 16, left-padded prompts U(64, 1024), 128 greedy tokens, dynamic and static cache
     w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence
     w4         longest single sequence (powers of two) that trains one step
@@ -28,6 +37,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +47,12 @@ from pathlib import Path
 import torch
 
 COMPETITORS = ["eager", "sdpa", "flash_attention_2", "autoflash", "autoflash-torch"]
+# W1 adds: autoflash with padding removed per layer only (AUTOFLASH_UNPAD_MODEL=0), autoflash in
+# the unchanged loop (use_cache left at its default), and the best a transformers user can do
+# today: the same tokens packed padding-free by the caller, run with flash_attention_2.
+PADDING_FREE_FA2 = "fa2 padding-free"
+TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "autoflash", "autoflash-per-layer",
+                        "autoflash-cache-on", "autoflash-torch", "autoflash-torch-per-layer"]
 WORKLOADS = ["w1", "w1packed", "w2", "w3", "w4"]
 
 
@@ -69,7 +85,7 @@ def build_model(s):
 
 def available(competitor: str) -> str | None:
     """None if the competitor can run here, else why not."""
-    if competitor == "flash_attention_2":
+    if competitor in ("flash_attention_2", PADDING_FREE_FA2):
         try:
             import flash_attn  # noqa: F401
         except Exception as exc:  # noqa: BLE001
@@ -83,8 +99,15 @@ def competing_as(model, competitor: str):
     import autoflash
     from autoflash import backends, dispatch
 
+    from autoflash import settings as settings_module
+
     hidden = None
-    if competitor in ("sdpa", "flash_attention_2"):
+    per_layer = competitor.endswith("per-layer")
+    if per_layer:
+        os.environ[settings_module.UNPAD_MODEL_VARIABLE] = "0"
+        settings_module.settings.cache_clear()
+    if competitor in ("sdpa", "flash_attention_2", PADDING_FREE_FA2):
+        competitor = "flash_attention_2" if competitor == PADDING_FREE_FA2 else competitor
         autoflash.disable()  # transformers' own implementation, not autoflash's replacement of it
         try:
             model.set_attn_implementation(competitor)
@@ -94,7 +117,7 @@ def competing_as(model, competitor: str):
         model.set_attn_implementation("eager")
     else:
         model.set_attn_implementation("autoattn")
-        if competitor == "autoflash-torch":
+        if competitor.startswith("autoflash-torch"):
             hidden = backends.FLASH_ATTN.unavailable_reasons
             backends.FLASH_ATTN.unavailable_reasons = lambda: ["hidden by the benchmark"]
     dispatch.clear_cache()
@@ -103,6 +126,9 @@ def competing_as(model, competitor: str):
     finally:
         if hidden is not None:
             backends.FLASH_ATTN.unavailable_reasons = hidden
+        if per_layer:
+            os.environ.pop(settings_module.UNPAD_MODEL_VARIABLE, None)
+            settings_module.settings.cache_clear()
         dispatch.clear_cache()
 
 
@@ -168,14 +194,20 @@ def padded_batch(s, lengths):
     return {k: v.to(s["device"]) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
 
 
-def packed_batch(s, lengths):
+def packed_batch(s, lengths, boundaries=False):
+    """The padded batch's real tokens in one row; ``boundaries``: also cu_seq_lens_q/k, as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands them to the model."""
     padded = padded_batch(s, lengths)
     ids = torch.cat([padded["input_ids"][row, :n] for row, n in enumerate(lengths)])[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(s["device"])
     labels = ids.clone()
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
     labels[0, starts.to(s["device"])] = -100
-    return dict(input_ids=ids, position_ids=positions, labels=labels)
+    batch = dict(input_ids=ids, position_ids=positions, labels=labels)
+    if boundaries:
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(s["device"])
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return batch
 
 
 def train_flops(model, s, lengths):
@@ -189,21 +221,26 @@ def run_training(s, packed: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s["device"] == "cuda")
     lengths = lengths_for(s)
     batch = packed_batch(s, lengths) if packed else padded_batch(s, lengths)
+    padding_free = packed_batch(s, lengths, boundaries=True)
     real_tokens = sum(lengths)
     flops = train_flops(model, s, lengths)
     peak = matmul_peak_tflops(s["device"])
+    inputs = {}
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(**batch, use_cache=False).loss.backward()
+        model(**inputs).loss.backward()
         optimizer.step()
 
     rows = []
-    for competitor in COMPETITORS:
+    for competitor in TRAINING_COMPETITORS if not packed else COMPETITORS:
         why = available(competitor)
         if why:
             rows.append(dict(competitor=competitor, skipped=why))
             continue
+        inputs = dict(padding_free if competitor == PADDING_FREE_FA2 else batch)
+        if competitor != "autoflash-cache-on":
+            inputs["use_cache"] = False
         with competing_as(model, competitor):
             try:
                 for _ in range(s["warmup"]):
@@ -214,6 +251,8 @@ def run_training(s, packed: bool):
                 rows.append(dict(competitor=competitor, step_ms=median * 1e3, tokens_per_s=real_tokens / median,
                                  peak_gib=peak_gib(s["device"]), mfu=flops / median / 1e12 / peak,
                                  backend=_backend_used()))
+                if PROFILE and competitor in ("autoflash", "autoflash-torch", PADDING_FREE_FA2):
+                    rows[-1]["profile"] = kernel_time_by_kind(step, s["device"])
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
                     raise
@@ -221,6 +260,35 @@ def run_training(s, packed: bool):
             reset_memory(s["device"])
     return dict(lengths=lengths, real_tokens=real_tokens, padded_tokens=len(lengths) * max(lengths),
                 matmul_peak_tflops=peak, rows=rows)
+
+
+PROFILE = False
+
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "cutlass::fmha")), ("matmul", ("gemm", "cutlass", "nvjet",
+         "sm90_xmma", "ampere_", "cublas")), ("gather/scatter/copy", ("index", "gather", "scatter", "copy", "cat",
+         "elementwise_kernel_with_index", "masked")), ("loss", ("log_softmax", "nll_loss", "cross_entropy")))
+
+
+def kernel_time_by_kind(step, device) -> dict:
+    """CUDA kernel time of one step, grouped by kind of kernel (ms), and the host syncs it made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return {}
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        sync(device)
+    grouped = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if not total or event.key.startswith(("aten::", "autograd::", "Optimizer", "cudaDeviceSynchronize")):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, marks in KINDS if any(m in name for m in marks)), "other")
+        grouped[kind] = grouped.get(kind, 0.0) + total / 1e3
+    grouped["total"] = sum(grouped.values())
+    return {k: round(v, 1) for k, v in grouped.items()}
 
 
 def _backend_used():
@@ -366,24 +434,29 @@ def run_long(s):
 # -- reporting -------------------------------------------------------------------------------------
 
 def add_ratios(rows, key):
-    """Each row's `key` over flash_attention_2's and sdpa's, as x_flash_attention_2 / x_sdpa."""
+    """Each row's `key` over flash_attention_2's, sdpa's and the padding-free flash_attention_2 run's
+    (x_flash_attention_2 / x_sdpa / "x pf" in the table)."""
     by = {r["competitor"]: r.get(key) for r in rows if key in r}
     for r in rows:
         if key in r:
-            for base in ("flash_attention_2", "sdpa"):
+            for base in ("flash_attention_2", "sdpa", PADDING_FREE_FA2):
                 if by.get(base):
                     r[f"x_{base}"] = r[key] / by[base]
 
 
 def _competitor_lines(rows, header, cells):
     """A table of competitors: `cells(row)` formats a measured row; skipped rows say why."""
-    lines = [f"{'competitor':<18}{header}{'x fa2':>7}{'x sdpa':>7}  backend"]
+    padding_free = any(f"x_{PADDING_FREE_FA2}" in r for r in rows)
+    lines = [f"{'competitor':<26}{header}{'x fa2':>7}{'x sdpa':>7}" + (f"{'x pf':>7}" if padding_free else "")
+             + "  backend"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['competitor']:<18}  skipped: {r['skipped']}")
+            lines.append(f"{r['competitor']:<26}  skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['competitor']:<18}{cells(r)}{r.get('x_flash_attention_2', float('nan')):>7.2f}"
-                     f"{r.get('x_sdpa', float('nan')):>7.2f}  {r['backend']}")
+        lines.append(f"{r['competitor']:<26}{cells(r)}{r.get('x_flash_attention_2', float('nan')):>7.2f}"
+                     f"{r.get('x_sdpa', float('nan')):>7.2f}"
+                     + (f"{r.get('x_' + PADDING_FREE_FA2, float('nan')):>7.2f}" if padding_free else "")
+                     + f"  {r['backend']}")
     return lines
 
 
@@ -396,6 +469,10 @@ def table(workload, result) -> str:
         lines += _competitor_lines(
             result["rows"], f"{'tokens/s':>10}{'step ms':>9}{'peak GiB':>9}{'MFU':>7}",
             lambda r: f"{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}{r['mfu']:>7.1%}")
+        for r in result["rows"]:
+            if r.get("profile"):
+                lines.append(f"  kernel ms by kind, {r['competitor']}: " +
+                             ", ".join(f"{k} {v}" for k, v in r["profile"].items()))
     elif workload == "w2":
         for cache in ("dynamic", "static"):
             rows = [r for r in result["rows"] if r["cache"] == cache]
@@ -489,7 +566,10 @@ def main(argv=None) -> int:
     parser.add_argument("workload", choices=WORKLOADS + ["all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind")
     args = parser.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     if args.workload != "all":
         run_one(args.workload, args.smoke, args.out)
         return 0
