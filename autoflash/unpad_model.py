@@ -93,6 +93,22 @@ def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
     return published[1]
 
 
+@torch.compiler.disable
+def padded_width(seq_len) -> Optional[int]:
+    """The padded batch's length where ``seq_len`` is the length of the packed row being run, else None.
+
+    transformers 4.37's rotary embedding takes the key length as the longest position it
+    must cover: given the packed row's length (often past max_position_embeddings) it rebuilds
+    its cos/sin cache, from an arange in the model's dtype (bf16 counts integers exactly only
+    to 256) and, with dynamic NTK scaling, with a different base. The padded length is what
+    eager gives it.
+    """
+    published = _thread.boundaries
+    if published is None or seq_len != published[0]:
+        return None
+    return published[2]
+
+
 # -- when -----------------------------------------------------------------------------------------
 
 def wants_cache(module, kwargs) -> bool:
@@ -281,7 +297,7 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
             (inputs_embeds is not None and inputs_embeds.requires_grad) or any(p.requires_grad for p in module.parameters()))
         row.decide(module.config, device, hidden_dtype, module.training, grads)
         kwargs["autoflash_packed_row"] = row
-    _set_boundaries((packed_positions.shape[1], boundaries))
+    _set_boundaries((packed_positions.shape[1], boundaries, length))
     try:
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)

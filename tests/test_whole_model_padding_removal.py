@@ -367,3 +367,19 @@ def test_torch_compile_traces_the_whole_layer_stack_without_a_break_per_layer():
     assert last_path() == "whole-model"
     assert relative_error(out.loss, ref.loss) < LOSS_RTOL
     torch._dynamo.reset()
+
+
+def test_rotary_embedding_is_sized_by_the_padded_batch_not_the_packed_row():
+    # Dynamic NTK scaling changes the rotary base once the longest position passes
+    # max_position_embeddings: here the batch is 30 wide but its real tokens, packed, are 75.
+    # (transformers 4.37 sizes its rotary cache by the key length it is given.)
+    fast, eager = model_pair(seed=14, max_position_embeddings=32, rope_scaling={"type": "dynamic", "factor": 2.0})
+    mask = _mask([30, 20, 25], ["left", "right", "left"])
+    ids = torch.randint(3, 97, mask.shape)
+    labels = labels_for(ids, mask)
+    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
+    assert last_path() == "whole-model"
+    _assert_equal_at_real_positions(out, ref, mask.bool())
+    error, name = worst_gradient_error(grads, ref_grads)
+    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"

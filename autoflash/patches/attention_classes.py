@@ -26,6 +26,7 @@ is refused by that class, and ``output_attentions`` returns no weights (autoflas
 
 from __future__ import annotations
 
+import inspect
 from typing import List
 
 from autoflash import unpad_model
@@ -113,6 +114,16 @@ def route_requests(patch: Patch, base, name: str) -> None:
     patch.set_attribute(base, "_autoset_attn_implementation", classmethod(_autoset_attn_implementation))
 
 
+def _rotary_sized_for_the_batch(original):
+    """transformers 4.37-4.38: the rotary embedding sized by the padded batch, not the packed row."""
+    def forward(self, x, seq_len=None, *args, **kwargs):
+        width = unpad_model.padded_width(seq_len)
+        return original(self, x, width if width is not None else seq_len, *args, **kwargs)
+
+    forward.__wrapped__ = original
+    return forward
+
+
 def apply(module) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
@@ -136,6 +147,9 @@ def apply(module) -> Patch:
             patch.set_attribute(attention_class, "_flash_attention_forward", _method)
         remove_padding_for_whole_model(patch, module, "flash_attention_2", boundaries_as_kwargs=False,
                                        mask_for_packed_row=False)
+        rotary = getattr(module, "LlamaRotaryEmbedding", None)
+        if rotary is not None and "seq_len" in inspect.signature(rotary.forward).parameters:
+            patch.set_attribute(rotary, "forward", _rotary_sized_for_the_batch(rotary.forward))
     except BaseException:
         patch.undo()
         raise

@@ -248,7 +248,8 @@ def test_decode_steps_make_no_host_sync_and_a_padded_forward_at_most_one():
               "training step with labels, left padding": _syncs(labelled_step)}
     RESULTS.append(("host syncs", str({k: n for k, (n, _) in counts.items()}), 0, 0, float("nan"), float("nan")))
     assert counts["decode step, no padding"][0] == 0, counts["decode step, no padding"][1]
-    assert counts["decode step, left padding"][0] == 0, counts["decode step, left padding"][1]
+    # transformers < 4.48 checks `0 in attention_mask` in LlamaModel.forward itself on every step: one sync
+    assert counts["decode step, left padding"][0] == (1 if legacy_era() else 0), counts["decode step, left padding"][1]
     assert counts["training forward+backward, right padding"][0] <= 1, counts
     assert counts["evaluation forward, right padding"][0] <= 1, counts
     assert counts["training step with labels, left padding"][0] <= 1, counts
