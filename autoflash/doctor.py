@@ -92,6 +92,7 @@ def status() -> dict:
                      "transformers": _version("transformers"), "flash-attn": _version("flash-attn") or
                      _version("flash_attn"), "wrapt": _version("wrapt")},
         "gpu": gpu,
+        "padding_removal": {"whole_model": settings().unpad_model, "last": None},
         "backends": [],
         "choices": {},
     }
@@ -99,7 +100,9 @@ def status() -> dict:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
                               for n in ("flash_attn", "torch", "sdpa")]
         return result
-    from autoflash import backends, dispatch
+    from autoflash import backends, dispatch, unpad_model
+
+    result["padding_removal"]["last"] = unpad_model.last_decision()
 
     for backend in backends.AUTO_ORDER:
         reasons = backend.unavailable_reasons()
@@ -131,6 +134,13 @@ def report(data: dict) -> str:
     lines.append("switches:")
     for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE):
         lines.append(f"  {name}={os.environ.get(name, '')!s:<10} -> {data['settings'][name]}")
+    removal = data["padding_removal"]
+    lines.append("padding removal: " + ("whole model where it changes no answer, else per layer"
+                                        if removal["whole_model"] else f"per layer only ({UNPAD_MODEL_VARIABLE}=0)"))
+    if removal["last"]:
+        last = removal["last"]
+        lines.append(f"  last padded forward in this process: {last['path']}"
+                     + (f" ({last['reason']})" if last["reason"] else ""))
     lines.append("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in data["versions"].items()))
     gpu = data["gpu"]
     lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")
