@@ -58,6 +58,20 @@ def _assert_equal_at_real_positions(out, ref, real):
         assert not mine[~real].any()  # padded positions hold zeros
 
 
+def _assert_step_matches_eager(fast, eager, mask, ids=None, labels=None):
+    """One forward + backward of each on the same batch: the whole-model path ran, and the loss,
+    real-position outputs and every gradient equal eager's."""
+    ids = torch.randint(3, 97, mask.shape) if ids is None else ids
+    labels = labels_for(ids, mask) if labels is None else labels
+    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
+    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
+    assert last_path() == "whole-model"
+    _assert_equal_at_real_positions(out, ref, mask.bool())
+    error, name = worst_gradient_error(grads, ref_grads)
+    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
+    return grads
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_padded_batch_matches_eager_with_whole_model_removal(case):
     lengths, sides = CASES[case]
@@ -67,12 +81,8 @@ def test_padded_batch_matches_eager_with_whole_model_removal(case):
     labels = labels_for(ids, mask)
     labels[0, -2] = -100  # an ignored label inside the real tokens
     shapes = _layer_inputs(fast)
-    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
-    assert last_path() == "whole-model" and shapes == [(1, sum(lengths), 64)]
-    _assert_equal_at_real_positions(out, ref, mask.bool())
-    error, name = worst_gradient_error(grads, ref_grads)
-    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
+    _assert_step_matches_eager(fast, eager, mask, ids, labels)
+    assert shapes == [(1, sum(lengths), 64)]  # the layers saw the real tokens only
 
 
 def test_loss_normalised_by_num_items_in_batch_matches_eager():
@@ -185,14 +195,7 @@ def test_gradient_checkpointing_matches_eager():
     fast, eager = model_pair(seed=9)
     fast.gradient_checkpointing_enable(), eager.gradient_checkpointing_enable()
     mask = _mask([9, 4, 1], ["left", "right", "left"])
-    ids = torch.randint(3, 97, mask.shape)
-    labels = labels_for(ids, mask)
-    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
-    assert last_path() == "whole-model"
-    _assert_equal_at_real_positions(out, ref, mask.bool())
-    error, name = worst_gradient_error(grads, ref_grads)
-    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
+    _assert_step_matches_eager(fast, eager, mask)
 
 
 def test_peft_lora_model_matches_eager():
@@ -211,15 +214,8 @@ def test_peft_lora_model_matches_eager():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)
     mask = _mask([10, 3, 6], ["right", "left", "left"])
-    ids = torch.randint(3, 97, mask.shape)
-    labels = labels_for(ids, mask)
-    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
-    assert last_path() == "whole-model"
+    grads = _assert_step_matches_eager(fast, eager, mask)
     assert grads and all("lora_" in n for n in grads)
-    _assert_equal_at_real_positions(out, ref, mask.bool())
-    error, name = worst_gradient_error(grads, ref_grads)
-    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
 
 
 def test_one_trainer_step_updates_weights_as_eager(tmp_path):
@@ -377,11 +373,4 @@ def test_rotary_embedding_is_sized_by_the_padded_batch_not_the_packed_row():
     # (transformers 4.37 sizes its rotary cache by the key length it is given.)
     fast, eager = model_pair(seed=14, max_position_embeddings=32, rope_scaling={"type": "dynamic", "factor": 2.0})
     mask = _mask([30, 20, 25], ["left", "right", "left"])
-    ids = torch.randint(3, 97, mask.shape)
-    labels = labels_for(ids, mask)
-    out, grads = _step(fast, input_ids=ids, attention_mask=mask, labels=labels)
-    ref, ref_grads = _step(eager, input_ids=ids, attention_mask=mask, labels=labels)
-    assert last_path() == "whole-model"
-    _assert_equal_at_real_positions(out, ref, mask.bool())
-    error, name = worst_gradient_error(grads, ref_grads)
-    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
+    _assert_step_matches_eager(fast, eager, mask)
