@@ -374,3 +374,21 @@ def test_rotary_embedding_is_sized_by_the_padded_batch_not_the_packed_row():
     fast, eager = model_pair(seed=14, max_position_embeddings=32, rope_scaling={"type": "dynamic", "factor": 2.0})
     mask = _mask([30, 20, 25], ["left", "right", "left"])
     _assert_step_matches_eager(fast, eager, mask)
+
+
+def test_inputs_embeds_instead_of_ids_matches_eager():
+    # InternVL and other multimodal wrappers hand the language model embeddings, not ids
+    fast, eager = model_pair(seed=15)
+    mask = _mask([7, 2, 5], ["left", "right", "left"])
+    ids = torch.randint(3, 97, mask.shape)
+    labels = labels_for(ids, mask)
+    results = []
+    for model in (fast, eager):
+        embeds = model.get_input_embeddings()(ids)
+        results.append(_step(model, inputs_embeds=embeds, attention_mask=mask, labels=labels))
+        if model is fast:
+            assert last_path() == "whole-model"
+    (out, grads), (ref, ref_grads) = results
+    _assert_equal_at_real_positions(out, ref, mask.bool())
+    error, name = worst_gradient_error(grads, ref_grads)
+    assert error < FLOAT32_RTOL, f"gradient of {name} differs by {error:.2e}"
