@@ -68,8 +68,8 @@ class PackedRow:
     @torch.compiler.disable
     def decide(self, config, device, hidden_dtype, training: bool, needs_grad: bool) -> None:
         dtype = hidden_dtype
-        if device.type == "cuda" and dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")  # what q_proj returns, as _to_kernel_dtype would cast
+        if device.type == "cuda" and dtype == torch.float32:
+            dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         total = self.layout.q_len
@@ -151,13 +151,19 @@ def _to_kernel_dtype(query, key, value):
     """
     if query.dtype != torch.float32 or query.device.type != "cuda":
         return query, key, value
+    target = _cuda_autocast_dtype()
+    if target is None:
+        return query, key, value
+    return query.to(target), key.to(target), value.to(target)
+
+
+def _cuda_autocast_dtype():
+    """The CUDA autocast dtype where autocast is on, else None."""
     try:
         enabled, target = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     except TypeError:  # torch < 2.4 has only the CUDA-specific spellings
         enabled, target = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    if not enabled:
-        return query, key, value
-    return query.to(target), key.to(target), value.to(target)
+    return target if enabled else None
 
 
 _notified = set()
