@@ -68,8 +68,9 @@ def _bound_labels(signature, module, args, kwargs):
 def _forward_with_labels(original, module, lm_class, attention_name, args, kwargs, call):
     mask, labels = call.get("attention_mask"), call["labels"]
     reason = unpad_model.why_keep_padding(module, lm_class, mask, call, attention_name)
-    if reason is None and call.get("logits_to_keep", call.get("num_logits_to_keep", 0)) not in (0, None):
-        reason = "logits_to_keep is set"
+    keep = call.get("logits_to_keep", call.get("num_logits_to_keep"))
+    if reason is None and not (keep is None or (isinstance(keep, int) and keep == 0)):
+        reason = "logits_to_keep is set"  # an int or a tensor of positions
     if reason is None and (not isinstance(labels, torch.Tensor) or labels.shape != mask.shape):
         reason = "labels do not have the attention mask's shape"
     if reason is not None:
@@ -83,7 +84,7 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
     real = mask.to(device=device, dtype=torch.bool)
     predicted_from_padding = ((shift_labels != _IGNORE) & ~real).any()
     batch, length = mask.shape
-    layout = unpad_model.plan(module.model, mask, call.get("position_ids"), batch, length, device,
+    layout = unpad_model.plan(mask, call.get("position_ids"), batch, length, device,
                               extra_check=predicted_from_padding)
     model_kwargs = {k: v for k, v in call.items() if k not in _LM_ONLY}
     if layout.extra_check:

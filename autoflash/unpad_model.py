@@ -111,11 +111,6 @@ def padded_width(seq_len) -> Optional[int]:
 
 # -- when -----------------------------------------------------------------------------------------
 
-def wants_cache(module, kwargs) -> bool:
-    use_cache = kwargs.get("use_cache")
-    return bool(use_cache if use_cache is not None else getattr(module.config, "use_cache", False))
-
-
 def runs_autoflash(module, attention_name) -> bool:
     """Models loaded with another implementation (eager, say) are left entirely alone."""
     return module.config._attn_implementation == attention_name
@@ -123,14 +118,15 @@ def runs_autoflash(module, attention_name) -> bool:
 
 def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name) -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
+    # decode steps (a cache passed in) are the most frequent calls: answered first
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+        return "a KV cache was passed in"
     if not settings().unpad_model:
         return f"{UNPAD_MODEL_VARIABLE}=0"
     if type(module) is not model_class:
         return f"{type(module).__qualname__} is a subclass of {model_class.__name__} autoflash does not know"
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return "the attention mask is not a 2-D key-padding mask"
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-        return "a KV cache was passed in"
     if _generating():
         return "the call comes from generate(), which decodes from the cache it fills"
     if kwargs.get("cu_seq_lens_q") is not None:
@@ -142,7 +138,7 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
     return None
 
 
-def plan(module, attention_mask, position_ids, batch, length, device, extra_check=None) -> Layout:
+def plan(attention_mask, position_ids, batch, length, device, extra_check=None) -> Layout:
     """The packed layout of this forward (its one host sync); ``extra_check`` rides along on it."""
     mask = attention_mask.to(device=device, dtype=torch.bool)
     return plan_without_cache(mask, _positions(position_ids, batch, length, device), batch, length, device,
@@ -186,7 +182,7 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch, length = source.shape[:2]
         layout = handoff.plan if handoff is not None else \
-            plan(self, attention_mask, position_ids, batch, length, source.device)
+            plan(attention_mask, position_ids, batch, length, source.device)
         record(WHOLE_MODEL, None)
         return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs,
                               mask_for_packed_row, packed_output=handoff is not None and handoff.packed_output)
