@@ -106,11 +106,12 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
         0, slot, torch.ones_like(slot))[:n_cells]
     left_t = ((~real[:, 0]) & real.any(dim=1)).any()
-    checked = extra_check if extra_check is not None else left_t
-    # the one host-device synchronisation of this forward: five scalars at once
-    total, n_seq, max_seqlen, left, extra = torch.stack([flat_real.sum(), flat_starts.sum(), lengths.max(),
-                                                         left_t.long(), checked.long()]).tolist()
-    extra = bool(extra) if extra_check is not None else None
+    scalars = [flat_real.sum(), flat_starts.sum(), lengths.max(), left_t.long()]
+    if extra_check is not None:
+        scalars.append(extra_check.long())
+    # the one host-device synchronisation of this forward: these scalars at once
+    total, n_seq, max_seqlen, left, *extra = torch.stack(scalars).tolist()
+    extra = bool(extra[0]) if extra else None
     if total == n_cells and n_seq == batch:
         return Layout("dense", batch, q_len, q_len, syncs=1, extra_check=extra)
     cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
@@ -219,23 +220,28 @@ def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=
 
 # -- unpad / pad -----------------------------------------------------------------------------------
 
+def pack(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(batch, length, ...) -> (1, real tokens, ...): the real tokens in row-major order."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return (flat if layout.indices is None else flat.index_select(0, layout.indices)).unsqueeze(0)
+
+
+def scatter(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(1, real tokens, ...) -> (batch, length, ...), zeros on padding: the inverse of ``pack``."""
+    flat = x[0]
+    if layout.indices is not None:
+        flat = flat.new_zeros(layout.batch * layout.q_len, *flat.shape[1:]).index_copy(0, layout.indices, flat)
+    return flat.view(layout.batch, layout.q_len, *flat.shape[1:])
+
+
 def unpad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(batch, heads, len, dim) -> (total, heads, dim) holding the real tokens only."""
-    b, h, n, d = x.shape
-    flat = x.transpose(1, 2).reshape(b * n, h, d)
-    if layout.indices is None:
-        return flat
-    return flat.index_select(0, layout.indices)
+    return pack(x.transpose(1, 2), layout)[0]
 
 
 def pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(total, heads, dim) -> (batch, len, heads, dim), zeros on padding (transformers' layout after attention)."""
-    _, h, d = x.shape
-    if layout.indices is None:
-        return x.view(layout.batch, layout.q_len, h, d)
-    out = x.new_zeros(layout.batch * layout.q_len, h, d)
-    out.index_copy_(0, layout.indices, x)
-    return out.view(layout.batch, layout.q_len, h, d)
+    return scatter(x.unsqueeze(0), layout)
 
 
 def unpad_cache_keys(x: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -26,10 +26,14 @@ import inspect
 import torch
 
 from autoflash import unpad_model
+from autoflash.layout import pack, scatter
 
 _IGNORE = -100
 # LlamaForCausalLM.forward's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
+# the model's arguments that LlamaForCausalLM names itself; the rest of its **kwargs go to the loss too
+_MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds",
+                    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
 
 
 def wrap(original, lm_class, attention_name):
@@ -43,7 +47,7 @@ def wrap(original, lm_class, attention_name):
         if type(self) is not lm_class:  # its own code may depend on the padded layout
             return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
                                           "autoflash does not know", original, args, kwargs)
-        if kwargs.get("labels") is None and not (args and _bound_labels(signature, self, args, kwargs) is not None):
+        if kwargs.get("labels") is None and not args:  # decode steps and forwards without labels: no binding
             return original(self, *args, **kwargs)
         try:
             bound = signature.bind(self, *args, **kwargs)
@@ -52,17 +56,12 @@ def wrap(original, lm_class, attention_name):
         call = dict(bound.arguments)
         call.pop(next(iter(signature.parameters)))  # self
         call.update(call.pop(var_keyword, None) or {})
+        if call.get("labels") is None:
+            return original(self, *args, **kwargs)
         return _forward_with_labels(original, self, lm_class, attention_name, args, kwargs, call)
 
     forward.__wrapped__ = original
     return forward
-
-
-def _bound_labels(signature, module, args, kwargs):
-    try:
-        return signature.bind(module, *args, **kwargs).arguments.get("labels")
-    except TypeError:
-        return None
 
 
 def _forward_with_labels(original, module, lm_class, attention_name, args, kwargs, call):
@@ -95,9 +94,9 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
                                        module.model, **model_kwargs)
     hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
     logits = module.lm_head(hidden)
-    loss = _loss(module, logits, unpad_model.pack(shift_labels, layout), call)
+    loss = _loss(module, logits, pack(shift_labels, layout), call)
     lm_head = module.lm_head
-    return _output(out, loss, lambda: lm_head(unpad_model.scatter(hidden, layout)))
+    return _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
 
 
 def _keeping_padding(module, reason, original, args, kwargs):
@@ -119,10 +118,6 @@ def _loss(module, logits, shift_labels, call):
     loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1),
                                              ignore_index=_IGNORE, reduction="sum" if items is not None else "mean")
     return loss / items if items is not None else loss
-
-
-_MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds",
-                    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
 
 
 # -- the output, with padded logits built on first use ---------------------------------------------

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from autoflash.attention import PackedRow
-from autoflash.layout import Layout, plan_from_given_boundaries, plan_without_cache
+from autoflash.layout import Layout, pack, plan_from_given_boundaries, plan_without_cache, scatter
 from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
 
 WHOLE_MODEL = "whole-model"
@@ -44,7 +44,7 @@ PER_LAYER = "per-layer"
 class _ThreadState(threading.local):
     generating = 0  # depth of generate() calls on this thread
     handoff = None  # (LlamaModel, Handoff) set by packed_loss for the model call it makes next
-    boundaries = None  # the packed row's cu_seqlens while a legacy-era forward runs
+    boundaries = None  # (packed length, cu_seq_lens kwargs, padded width) while a packed forward runs
     last = None  # (path, reason) of the last LlamaModel forward that had padding to remove
 
 
@@ -133,8 +133,9 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
-    if kwargs.get("return_dict") is False:
-        return "return_dict=False"
+    return_dict = kwargs.get("return_dict")
+    if return_dict is False or (return_dict is None and not getattr(module.config, "use_return_dict", True)):
+        return "return_dict=False (a tuple is asked for)"
     return None
 
 
@@ -258,20 +259,6 @@ def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
                 max_length_k=layout.max_seqlen)
 
 
-def pack(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """(batch, length, ...) -> (1, real tokens, ...)."""
-    flat = x.reshape(-1, *x.shape[2:])
-    return (flat if layout.indices is None else flat.index_select(0, layout.indices)).unsqueeze(0)
-
-
-def scatter(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """(1, real tokens, ...) -> (batch, length, ...), zeros on padding."""
-    flat = x[0]
-    if layout.indices is not None:
-        flat = flat.new_zeros(layout.batch * layout.q_len, *flat.shape[1:]).index_copy(0, layout.indices, flat)
-    return flat.view(layout.batch, layout.q_len, *flat.shape[1:])
-
-
 def packed_forward(original, module, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs=True,
                    mask_for_packed_row=True, packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
@@ -289,9 +276,8 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
         total = packed_positions.shape[1]
         row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
         hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.embed_tokens.weight.dtype
-        grads = torch.is_grad_enabled() and (
-            (inputs_embeds is not None and inputs_embeds.requires_grad) or any(p.requires_grad for p in module.parameters()))
-        row.decide(module.config, device, hidden_dtype, module.training, grads)
+        # (gradients decide nothing for a varlen call: the record only says whether they are on)
+        row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
         kwargs["autoflash_packed_row"] = row
     _set_boundaries((packed_positions.shape[1], boundaries, length))
     try:
@@ -299,8 +285,6 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
                        packed_positions, **kwargs)
     finally:
         _set_boundaries(None)
-    if isinstance(out, tuple):  # transformers 4.37-4.4x with return_dict=False never comes here
-        raise TypeError("autoflash: LlamaModel.forward returned a tuple on the packed path")
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:

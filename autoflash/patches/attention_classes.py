@@ -67,7 +67,7 @@ def _run(module_or_caller, query, key, value, attention_mask, dropout, softmax_s
     # transformers' other layout, (batch, heads, len, dim), and returns (batch, len, heads, dim)
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
     # the whole-stack packed row: its boundaries, which this era's model code does not pass on
-    boundaries = unpad_model.packed_boundaries(query.shape[0], query.shape[1]) or {}
+    boundaries = (unpad_model.packed_boundaries(query.shape[0], query.shape[1]) if query.shape[1] > 1 else None) or {}
     out, _ = attention_forward(module_or_caller, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids,
                                **boundaries)

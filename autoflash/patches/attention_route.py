@@ -54,7 +54,8 @@ def _routed_attention(module, query, key, value, attention_mask, **kwargs):
         positions = getattr(module, "_autoflash_cache_position", None)
         if positions is not None:
             attention_mask = mask_function(query.shape[0], query.shape[2], key.shape[2], cache_position=positions)
-    if kwargs.get("cu_seq_lens_q") is None:  # dropped under gradient checkpointing in these releases
+    # dropped under gradient checkpointing in these releases (a decode step is never a packed row)
+    if kwargs.get("cu_seq_lens_q") is None and query.shape[2] > 1:
         kwargs.update(unpad_model.packed_boundaries(query.shape[0], query.shape[2]) or {})
     return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
