@@ -10,36 +10,47 @@ import sys
 
 import torch
 
-from autoflash import dispatch
+from autoflash import dispatch, tracing
 from autoflash.backends import BY_NAME
 from autoflash.backends._common import allowed_keys
 from autoflash.call import AttentionCall, capability_of
-from autoflash.layout import plan_for
+from autoflash.layout import ONE_SEQUENCE_PER_ROW, plan_for, plan_traced
 from autoflash.settings import logger
 
 # The name autoflash registers under. It must not contain "flash": transformers treats
 # any such name as its own flash-attention and tries to load it as a kernel.
 ATTENTION_NAME = "autoattn"
 
-@torch.compiler.disable
 def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, cache_position=None, **kwargs):
     """Registered with transformers' AttentionMaskInterface, called once per forward.
 
     Returns what the attention function needs and nothing more, never a 4-D mask:
     ``None`` (every key valid), the 2-D key-padding mask (its width is the number of key
-    slots in use), or, for a static cache without padding, a (batch,) int tensor of fill
-    levels (the number of slots in use is a device value there; reading it would cost a
-    host sync on every decode step). ``mask_function`` (transformers' description of
-    causality and packing) is not needed: causality is the kernels' flag, and packing is
-    read from position ids.
+    slots in use; for a decode step on a static cache, the cache's full width), or, for a
+    static cache without padding, a (batch,) int tensor of fill levels (the number of slots
+    in use is a device value there; reading it would cost a host sync on every decode step).
+    ``mask_function`` (transformers' description of causality and packing) is not needed:
+    causality is the kernels' flag, and packing is read from position ids.
+
+    Tensor operations only, no host sync: transformers calls it inside compiled decode steps,
+    and in ``generate`` to build the mask its compiled step is then given.
     """
     if q_length is None:  # transformers 4.5x passes the cache positions of the queries instead
         q_length = cache_position.shape[0]
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[1] <= kv_length:
-            return attention_mask[...]  # a fresh object per forward (layout.plan_for keys on it)
-        return attention_mask[:, -kv_length:]
+        if attention_mask.dim() != 2:
+            return attention_mask
+        width = attention_mask.shape[1]
+        if width > kv_length:
+            return attention_mask[:, -kv_length:]
+        if q_length == 1 and width < kv_length:
+            # A decode step on a static cache: the mask at the cache's width, so that every step of a
+            # generation has the same shapes (compiled steps are recorded as CUDA graphs per shape);
+            # slots past the fill level are no keys.
+            tail = attention_mask.new_zeros(attention_mask.shape[0], kv_length - width)
+            return torch.cat([attention_mask.to(torch.bool), tail.to(torch.bool)], dim=1)
+        return attention_mask[...]  # a fresh object per forward (layout.plan_for keys on it)
     if kv_length == q_length:
         return None
     # transformers < 5.2x passes cache_position; later releases the query offset
@@ -90,7 +101,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
         out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
         return (out if out.dtype == query.dtype else out.to(query.dtype)), None
-    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                              traced=tracing.is_tracing(), **kwargs)
 
 
 def _same_call(call, query, key, dropout, is_causal, module, kwargs) -> bool:
@@ -105,36 +117,53 @@ def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
-@torch.compiler.disable  # transformers compiles static-cache decoding; keep these Python decisions eager
-def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                       **kwargs):
+def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced):
+    """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
-        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced)
     if attention_mask is not None and attention_mask.dim() > 2:
         return _custom_mask(query, key, value, attention_mask, dropout, scaling)
+    return None
 
+
+def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                       traced=False, **kwargs):
+    """Any call but the packed row's. ``traced``: the call as torch.compile and torch.export trace it.
+
+    A traced call is tensor operations and custom ops only: its layout is built without a
+    host sync (``layout.plan_traced``: padding and packed sequences become a mask rather than
+    an unpadded row) and its backend is chosen by dispatch at trace time
+    (``dispatch.choose_traced``), so the compiled program holds neither Python decisions
+    nor thread state, and a decode step can be one CUDA graph.
+    """
+    special = _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced)
+    if special is not None:
+        return special
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
-    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
-    decision = dispatch.choose(call)
+    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs, traced)
+    name = dispatch.choose_traced(call, query.device) if traced else dispatch.choose(call).backend
     scale = scaling if scaling is not None else call.head_dim ** -0.5
-    out = BY_NAME[decision.backend].run(query, key, value, layout, call, scale)
+    out = BY_NAME[name].run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
-def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs, traced=False):
     """The forward's layout (computed by its first layer) and this call's record for dispatch."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
     packed = kwargs.get("autoflash_packed_row")
+    one_sequence = bool(kwargs.get(ONE_SEQUENCE_PER_ROW))
     if packed is not None and batch == 1 and q_len == kv_len == packed.layout.q_len:
         layout = packed.layout
     else:
-        layout = plan_for(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
-                          kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+        plan = plan_traced if traced else plan_for
+        layout = plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
+                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"), one_sequence_per_row=one_sequence)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = AttentionCall(
-        kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
+        kind=layout.kind, device_type=query.device.type,
+        capability=None if traced else capability_of(query.device),  # dispatch.choose_traced reads it
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
         q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
         needs_grad=_needs_grad(query, key, value),
@@ -170,19 +199,21 @@ _notified = set()
 
 
 def _once(key: str, message: str) -> None:
+    if tracing.is_tracing():
+        return  # said by the untraced calls; a log call inside a trace would break it
     if key not in _notified:
         _notified.add(key)
         logger.warning(message)
 
 
-def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced):
     """output_attentions needs the probabilities, which no flash kernel returns: run eager for this call."""
     _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
                      "return no attention weights)")
     if attention_mask is not None and attention_mask.dim() > 2:  # the caller's own 4-D mask, as given
         allowed = attention_mask[:, :, :, :key.shape[2]]
     else:
-        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs)
+        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs, traced)
         allowed = allowed_keys(layout, call, query.device)
     if allowed.dtype == torch.bool:
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
@@ -192,7 +223,7 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as eager
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids")}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids", ONE_SEQUENCE_PER_ROW)}
     return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -13,8 +13,10 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-from autoflash import backends
-from autoflash.call import AttentionCall
+import torch
+
+from autoflash import backends, tracing
+from autoflash.call import AttentionCall, capability_of
 from autoflash.settings import logger, settings
 
 
@@ -65,6 +67,38 @@ def choose(call: AttentionCall) -> Decision:
     return decision
 
 
+def choose_traced(call: AttentionCall, device) -> str:
+    """``choose`` for a call being traced by torch.compile or torch.export: the backend's name.
+
+    The decision is made once, while tracing, and the compiled program keeps only its
+    result (the fields go through as constants; a traced call's record has no capability,
+    which is read here).
+    """
+    index = device.index if device.type == "cuda" else None
+    return _choose_at_trace_time(call.kind, call.device_type, index, call.dtype, call.head_dim, call.num_heads,
+                                 call.num_kv_heads, _constant_length(call.q_len), _constant_length(call.kv_len),
+                                 call.dropout, call.causal, call.needs_grad, call.left_padded_cache,
+                                 call.cache_keys_contiguous)
+
+
+def _constant_length(length):
+    # under dynamic shapes a length is symbolic; no backend's choice depends on it beyond "one query or more"
+    return length if isinstance(length, int) else (1 if length == 1 else 2)
+
+
+@torch.compiler.assume_constant_result
+def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_heads, num_kv_heads, q_len, kv_len,
+                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous) -> str:
+    capability = capability_of(torch.device(device_type, device_index)) if device_type == "cuda" else None
+    call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
+                         num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
+                         causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,
+                         cache_keys_contiguous=cache_keys_contiguous)
+    name = choose(call).backend
+    tracing.note(f"traced {kind}", f"{call.describe()} -> {name}")
+    return name
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool) -> Decision:
     refused = []
@@ -97,7 +131,8 @@ def _log_fallback(call: AttentionCall, decision: Decision) -> None:
         return
     _warned[key] = True
     logger.warning("autoflash: %s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
-                   {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache"}[call.kind],
+                   {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
+                    "masked": "traced padded/packed"}[call.kind],
                    decision.backend, decision.why())
 
 

@@ -19,6 +19,10 @@ Three kinds of layout:
             unused tail past ``fill``), served by the kernels' cache-aware entry points.
             A prefill of several tokens also gets the unpadded form (indices and
             cu_seqlens for queries and for keys) for kernels without such an entry point.
+``masked``  padding and/or packed sequences in a traced call (torch.compile, torch.export):
+            unpadding makes shapes depend on the data and needs a host sync, so the
+            sequences are only described on the device (``segment_ids``) and served by
+            kernels that take a dense mask, on the padded tensors.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ from typing import Optional
 
 import torch
 
+# A keyword argument the LLaMA forward hands to attention when its caller gave neither an
+# attention mask nor position ids: every row is then one sequence, and nothing need be
+# searched for packed sequences (transformers itself fills position ids in by then).
+ONE_SEQUENCE_PER_ROW = "autoflash_one_sequence_per_row"
+
 
 @dataclass(frozen=True)
 class Layout:
-    kind: str  # "dense" | "varlen" | "cache"
+    kind: str  # "dense" | "varlen" | "cache" | "masked"
     batch: int
     q_len: int
     kv_len: int
@@ -136,34 +145,56 @@ def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch:
                   max_seqlen=int(max_seqlen), total=q_len, segment_ids=seq_index.view(1, q_len))
 
 
+def _cache_keys(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int, device: torch.device):
+    """(fill levels (batch,) int32, key mask (batch, kv_len) bool or None) from what the mask function returned."""
+    if keys is None:
+        return torch.full((batch,), kv_len, dtype=torch.int32, device=device), None
+    arange = torch.arange(kv_len, device=device)
+    if keys.dim() == 1:
+        fills = keys.to(device=device, dtype=torch.int32)
+        return fills, arange[None, :] < fills[:, None]
+    width = keys.shape[1]
+    key_mask = keys.to(device=device, dtype=torch.bool)
+    if width < kv_len:
+        key_mask = torch.cat([key_mask, key_mask.new_zeros(batch, kv_len - width)], dim=1)
+    if q_len == 1 and width == kv_len:
+        # A decode step's mask may span a static cache's width, past its fill level (the mask
+        # function pads it so that every step has one shape). The one query sees every valid
+        # key, so each row's fill level is taken as its last valid key + 1.
+        fills = torch.where(key_mask, arange + 1, 0).amax(dim=-1).to(torch.int32)
+    else:
+        fills = torch.full((batch,), width, dtype=torch.int32, device=device)
+    return fills, key_mask
+
+
 def plan_with_cache(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len: int,
-                    device: torch.device) -> Layout:
+                    device: torch.device, traced: bool = False) -> Layout:
     """Queries are the q_len positions just before each row's fill level; keys are the cache.
 
     ``keys`` is what autoflash's mask function returned: None (every key valid), a
     (batch,) int tensor of fill levels (a static cache without padding), or a
-    (batch, fill) bool key-padding mask whose width is the fill level. Slots at and past
-    the fill level (a static cache's unused tail) are never keys.
+    (batch, width) bool key-padding mask whose width is the fill level (or, for a decode
+    step, the cache's width). Slots at and past the fill level (a static cache's unused
+    tail) are never keys. ``traced``: no host sync; a prefill with a mask is then described
+    by its key mask alone, for kernels that take one.
     """
-    arange = torch.arange(kv_len, device=device)
-    if keys is None:
-        return Layout("cache", batch, q_len, kv_len, kv_used=kv_len,
-                      cache_seqlens=torch.full((batch,), kv_len, dtype=torch.int32, device=device))
-    if keys.dim() == 1:
-        fills = keys.to(device=device, dtype=torch.int32)
-        key_mask = arange[None, :] < fills[:, None]
-        if q_len == 1:  # a decode step on a static cache: nothing to check, no sync
-            return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask)
-    else:
-        width = keys.shape[1]
-        fills = torch.full((batch,), width, dtype=torch.int32, device=device)
-        key_mask = torch.nn.functional.pad(keys.to(device=device, dtype=torch.bool), (0, kv_len - width))
+    fills, key_mask = _cache_keys(keys, batch, q_len, kv_len, device)
+    if key_mask is None:
+        # every key valid: each row is q_len queries against kv_len keys, known without a sync
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+        cu_k = torch.arange(batch + 1, dtype=torch.int32, device=device) * kv_len
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, cu_seqlens=cu_q, max_seqlen=q_len,
+                      total=batch * q_len, cu_seqlens_k=cu_k, max_seqlen_k=kv_len, kv_used=kv_len)
     if q_len == 1:
-        # A decode step with a padding mask. Checking that the mask is plain left padding
-        # (what flash_attn_with_kvcache's cache_leftpad can express) would cost a host sync on
-        # every step, which stalls the CPU's kernel launches; masked kernels take any mask.
+        # A decode step. A static cache without padding (fill levels given) is one range per row;
+        # a padding mask is not checked for being plain left padding (what flash_attn_with_kvcache's
+        # cache_leftpad can express): that would cost a host sync on every step, which stalls the
+        # CPU's kernel launches. Masked kernels take any mask.
         return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask,
-                      keys_contiguous=False)
+                      keys_contiguous=keys.dim() == 1)
+    if traced:
+        return Layout("cache", batch, q_len, kv_len, cache_seqlens=fills, key_mask=key_mask, keys_contiguous=False)
+    arange = torch.arange(kv_len, device=device)
     valid = key_mask.sum(-1)
     leftpad = torch.where(key_mask, arange, kv_len).amin(dim=-1).to(torch.int32)
     # valid keys must be exactly [leftpad, fill) in every row: left padding only
@@ -186,6 +217,23 @@ def plan_with_cache(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len
                   max_seqlen_k=max_k, kv_used=fill, syncs=1)
 
 
+def plan_traced(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None,
+                one_sequence_per_row=False) -> Layout:
+    """The layout of a call being traced by torch.compile or torch.export: no host sync, and
+    every shape independent of the data (see autoflash/tracing.py)."""
+    if kv_len > q_len:
+        return plan_with_cache(mask, batch, q_len, kv_len, device, traced=True)
+    if given_cu_seqlens is not None and isinstance(given_max_seqlen, int):
+        return plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
+    if mask is None and (position_ids is None or one_sequence_per_row):
+        return Layout("dense", batch, q_len, q_len)
+    real = mask.to(torch.bool) if mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    starts = sequence_starts(real, position_ids)
+    seq_of_token = starts.reshape(-1).long().cumsum(0) - 1
+    segment_ids = torch.where(real.reshape(-1), seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
+    return Layout("masked", batch, q_len, q_len, segment_ids=segment_ids)
+
+
 # -- one plan per forward ---------------------------------------------------------------------------
 
 class _LastPlan(threading.local):
@@ -198,12 +246,18 @@ _last = _LastPlan()
 
 
 def _identity(t):
-    return None if t is None else (id(t), t._version, tuple(t.shape))
+    if t is None:
+        return None
+    # inference tensors keep no version counter; they cannot be changed in place outside inference mode
+    version = -1 if t.is_inference() else t._version
+    return id(t), version, tuple(t.shape)
 
 
-def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None):
+def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None,
+             one_sequence_per_row=False):
     """The layout for this forward, computed by its first attention layer and reused by the rest."""
-    key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len)
+    key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len,
+           one_sequence_per_row)
     # the weak references prove the ids still name the same live tensors (ids are reused after free)
     if key == _last.key and all(r() is not None for r in _last.refs):
         return _last.layout
@@ -212,6 +266,8 @@ def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=
         layout = plan_with_cache(mask, batch, q_len, kv_len, device)
     elif given_cu_seqlens is not None:
         layout = plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
+    elif mask is None and one_sequence_per_row:
+        layout = Layout("dense", batch, q_len, q_len)
     else:
         layout = plan_without_cache(mask, position_ids, batch, q_len, device)
     _last.key, _last.refs, _last.layout = key, refs, layout
@@ -247,5 +303,5 @@ def pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
 def unpad_cache_keys(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(batch, kv_heads, kv_len, dim) cache -> (total_k, kv_heads, dim): each row's valid keys, for varlen kernels."""
     b, h, _, d = x.shape
-    return x[:, :, :layout.kv_used].transpose(1, 2).reshape(b * layout.kv_used, h, d).index_select(
-        0, layout.key_indices)
+    keys = x[:, :, :layout.kv_used].transpose(1, 2).reshape(b * layout.kv_used, h, d)
+    return keys if layout.key_indices is None else keys.index_select(0, layout.key_indices)

@@ -25,7 +25,7 @@ import inspect
 
 import torch
 
-from autoflash import unpad_model
+from autoflash import tracing, unpad_model
 from autoflash.layout import pack, scatter
 
 _IGNORE = -100
@@ -43,6 +43,9 @@ def wrap(original, lm_class, attention_name):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if not unpad_model.runs_autoflash(self, attention_name):
+            return original(self, *args, **kwargs)
+        if tracing.is_tracing() and (not tracing.graph_breaks_allowed() or (kwargs.get("labels") is None and not args)):
+            # traced where the graph must not break: logits and loss as transformers computes them
             return original(self, *args, **kwargs)
         if type(self) is not lm_class:  # its own code may depend on the padded layout
             return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
@@ -72,6 +75,8 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
         reason = "logits_to_keep is set"  # an int or a tensor of positions
     if reason is None and (not isinstance(labels, torch.Tensor) or labels.shape != mask.shape):
         reason = "labels do not have the attention mask's shape"
+    if reason is None and _compiled_on_its_own(getattr(module, "model", None)):
+        reason = "the decoder (model.model) is compiled on its own"
     if reason is not None:
         return _keeping_padding(module, reason, original, args, kwargs)
 
@@ -97,6 +102,12 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
     loss = _loss(module, logits, pack(shift_labels, layout), call)
     lm_head = module.lm_head
     return _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
+
+
+def _compiled_on_its_own(decoder) -> bool:
+    # torch.compile(model.model) or model.model.compile(): its trace may not read the handoff below
+    return decoder is not None and (getattr(decoder, "_compiled_call_impl", None) is not None
+                                    or type(decoder).__name__ == "OptimizedModule")
 
 
 def _keeping_padding(module, reason, original, args, kwargs):

@@ -33,8 +33,10 @@ from typing import Optional
 
 import torch
 
+from autoflash import tracing
 from autoflash.attention import PackedRow
-from autoflash.layout import Layout, pack, plan_from_given_boundaries, plan_without_cache, scatter
+from autoflash.layout import (ONE_SEQUENCE_PER_ROW, Layout, pack, plan_from_given_boundaries, plan_without_cache,
+                              scatter)
 from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
 
 WHOLE_MODEL = "whole-model"
@@ -116,10 +118,14 @@ def runs_autoflash(module, attention_name) -> bool:
     return module.config._attn_implementation == attention_name
 
 
+def _cache_passed(kwargs) -> bool:
+    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None  # renamed in 5.2x
+
+
 def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name) -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
     # decode steps (a cache passed in) are the most frequent calls: answered first
-    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+    if _cache_passed(kwargs):
         return "a KV cache was passed in"
     if not settings().unpad_model:
         return f"{UNPAD_MODEL_VARIABLE}=0"
@@ -164,8 +170,25 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
     an all-ones mask (transformers >= 4.53 would otherwise search its position ids for
     boundaries, a second host sync) or none (earlier releases scan a mask they are given).
     """
+    def hinted(module, attention_mask, position_ids, kwargs):
+        # neither a mask nor position ids from the caller: every row is one sequence, and attention
+        # need not search the position ids transformers fills in for packed sequences (a host sync)
+        if (boundaries_as_kwargs and attention_mask is None and position_ids is None
+                and kwargs.get("cu_seq_lens_q") is None and runs_autoflash(module, attention_name)):
+            return {**kwargs, ONE_SEQUENCE_PER_ROW: True}
+        return kwargs
+
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
+        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs)
+                                     or not tracing.graph_breaks_allowed()):
+            # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
+            # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
+            if attention_mask is not None and not _cache_passed(kwargs) and runs_autoflash(self, attention_name):
+                tracing.note(tracing.TRACE_SAFE, "a padded forward traced by torch.export or fullgraph "
+                                                 "torch.compile keeps its padding; attention masks it")
+            return original(self, input_ids, attention_mask, position_ids, *args,
+                            **hinted(self, attention_mask, position_ids, kwargs))
         handoff = _take_handoff(self)
         if handoff is not None and handoff.keep_padding is not None:
             if attention_mask is not None:
@@ -174,7 +197,8 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
         if handoff is None:
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
             if attention_mask is None or not runs_autoflash(self, attention_name):
-                return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+                return original(self, input_ids, attention_mask, position_ids, *args,
+                                **hinted(self, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
                 why_keep_padding(self, model_class, attention_mask, kwargs, attention_name)
             if reason is not None:

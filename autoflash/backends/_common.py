@@ -29,6 +29,14 @@ def flash_hardware_reasons(call: AttentionCall, max_head_dim: int = 256) -> List
     return reasons
 
 
+def traced_padding_reason(call: AttentionCall) -> List[str]:
+    """Kernels that need the real tokens counted on the host cannot serve a traced padded call."""
+    if call.kind == "masked":
+        return ["padded or packed batch in a traced call (torch.compile/torch.export: unpadding needs a host sync; "
+                "served with a mask)"]
+    return []
+
+
 def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     """(batch, 1, q_len, kv_len) bool: which key each query may attend to, for kernels that take a dense mask.
 
@@ -53,7 +61,7 @@ def _allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
             (k_pos[None, None, :] < end[:, None, None]).expand(-1, q_len, -1)
         if layout.key_mask is not None:
             allowed = allowed & layout.key_mask[:, None, :]
-    elif layout.kind == "varlen":
+    elif layout.kind in ("varlen", "masked"):
         seg = layout.segment_ids
         allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
         if call.causal:
@@ -75,7 +83,7 @@ def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor |
 
 
 def _query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
-    if layout.kind == "varlen":
+    if layout.kind in ("varlen", "masked"):
         return layout.segment_ids >= 0
     if layout.kind == "cache" and layout.key_mask is not None:
         q_pos = layout.cache_seqlens.long()[:, None] - call.q_len + torch.arange(call.q_len, device=device)[None, :]

@@ -8,21 +8,52 @@ functions' signatures rather than from version strings:
   left-padded cache cannot be served and the call falls back.
 - ``flash_attn_varlen_func`` / ``flash_attn_func`` return a tensor unless asked for
   probabilities (``return_attn_probs``), in every 2.x release.
+
+torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
+ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
+directly, which would break the graph of every compiled decode step, so traced calls reach
+it through a custom op of autoflash's own (``autoflash::flash_attn_with_kvcache``).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import List
+from typing import List, Optional
 
-from autoflash.backends._common import flash_hardware_reasons
+import torch
+
+from autoflash import tracing
+from autoflash.backends._common import flash_hardware_reasons, traced_padding_reason
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad
 
 
+def _register_kvcache_op(with_kvcache):
+    """``flash_attn_with_kvcache`` as a custom op with a fake implementation, for traced calls; None where
+    torch has no ``torch.library.custom_op`` (< 2.4)."""
+    custom_op = getattr(getattr(torch, "library", None), "custom_op", None)
+    if custom_op is None:
+        return None
+
+    @custom_op("autoflash::flash_attn_with_kvcache", mutates_args=(), device_types="cuda")
+    def kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                cache_leftpad: Optional[torch.Tensor], softmax_scale: float, causal: bool) -> torch.Tensor:
+        extra = {"cache_leftpad": cache_leftpad} if cache_leftpad is not None else {}
+        return with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
+                            causal=causal, **extra)
+
+    @kvcache.register_fake
+    def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    return kvcache
+
+
 class _FlashAttn:
     name = "flash_attn"
+    functions = None  # (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache) once imported
+    traced_kvcache = None
 
     @functools.lru_cache(maxsize=1)
     def _module(self):
@@ -37,7 +68,9 @@ class _FlashAttn:
             from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
         except Exception as exc:  # noqa: BLE001
             return None, f"flash-attn {version} lacks its 2.x entry points ({exc})"
-        return (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache), None
+        self.traced_kvcache = _register_kvcache_op(flash_attn_with_kvcache)
+        self.functions = (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache)
+        return self.functions, None
 
     def version(self):
         try:
@@ -60,7 +93,7 @@ class _FlashAttn:
         reasons = self.unavailable_reasons()
         if reasons:
             return reasons
-        reasons = flash_hardware_reasons(call)
+        reasons = flash_hardware_reasons(call) + traced_padding_reason(call)
         if call.kind == "cache":
             if call.needs_grad:
                 reasons.append("kv-cache call with gradients (flash_attn_with_kvcache has no backward)")
@@ -74,7 +107,7 @@ class _FlashAttn:
         return reasons
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
-        dense, varlen, with_kvcache = self._module()[0]
+        dense, varlen, with_kvcache = self.functions  # set by the reasons_not_supported that chose this backend
         if layout.kind == "dense":
             return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=call.dropout,
                          softmax_scale=scale, causal=call.causal)
@@ -85,6 +118,9 @@ class _FlashAttn:
             return pad(out, layout)
         # transformers' caches are (batch, kv_heads, len, dim); the transposed view is the
         # (batch, len, kv_heads, dim) layout the kernel reads, with no copy.
+        if tracing.is_tracing() and self.traced_kvcache is not None:  # (torch < 2.4: a graph break here)
+            return self.traced_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.cache_seqlens,
+                                       layout.cache_leftpad, scale, call.causal)
         extra = {"cache_leftpad": layout.cache_leftpad} if layout.cache_leftpad is not None else {}
         return with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                             cache_seqlens=layout.cache_seqlens, softmax_scale=scale, causal=call.causal, **extra)

@@ -52,6 +52,8 @@ class _Reference:
 
     def reasons_not_supported(self, call: AttentionCall) -> List[str]:
         reasons = [f"dropout={call.dropout} (supported: 0)"] if call.dropout else []
+        if call.kind == "masked":
+            reasons.append("traced call (computes one sequence at a time on the host)")
         if not call.cache_keys_contiguous and call.q_len > 1:
             reasons.append("cached key mask with holes and q_len > 1 (supported: left padding only)")
         return reasons
@@ -76,7 +78,7 @@ class _Reference:
             fill = int(layout.cache_seqlens[r])
             valid = torch.ones(fill, dtype=torch.bool, device=q.device) if layout.key_mask is None else \
                 layout.key_mask[r, :fill]
-            if not bool(valid[-1]):
+            if fill == 0 or not bool(valid[-1]):
                 continue  # a padded query stays zero
             keys, values = (x[r, :, :fill][:, valid].transpose(0, 1) for x in (k, v))
             cu_q = torch.tensor([0, 1], dtype=torch.int32)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from autoflash.backends._common import (flash_hardware_reasons, fold_gqa_queries, repeat_kv,
-                                        unfold_gqa_output)
+                                        traced_padding_reason, unfold_gqa_output)
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -55,7 +55,7 @@ class _TorchBuiltin:
         return []
 
     def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        reasons = self.unavailable_reasons() + flash_hardware_reasons(call)
+        reasons = self.unavailable_reasons() + flash_hardware_reasons(call) + traced_padding_reason(call)
         if call.kind == "varlen":
             if self._varlen is None:
                 reasons.append(f"padded or packed batch with torch=={torch.__version__} "
