@@ -30,7 +30,7 @@ RELEASES = {
     # the latest 5.x when this matrix was last updated
     "5.24.0": ["transformers==5.24.0"],
 }
-TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py",
+TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py", "tests/test_tracing.py",
          "tests/test_generation_matches_eager.py",
          "tests/test_whole_model_padding_removal.py", "tests/test_layout.py", "tests/test_patch_policy.py",
          "tests/test_backend_choice.py", "tests/test_startup.py"]

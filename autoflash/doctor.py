@@ -93,6 +93,7 @@ def status() -> dict:
                      _version("flash_attn"), "wrapt": _version("wrapt")},
         "gpu": gpu,
         "padding_removal": {"whole_model": settings().unpad_model, "last": None},
+        "traced": {},  # what programs traced by torch.compile / torch.export in this process were built with
         "backends": [],
         "choices": {},
     }
@@ -100,9 +101,10 @@ def status() -> dict:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
                               for n in ("flash_attn", "torch", "sdpa")]
         return result
-    from autoflash import backends, dispatch, unpad_model
+    from autoflash import backends, dispatch, tracing, unpad_model
 
     result["padding_removal"]["last"] = unpad_model.last_decision()
+    result["traced"] = dict(tracing.traced_paths)
 
     for backend in backends.AUTO_ORDER:
         reasons = backend.unavailable_reasons()
@@ -141,6 +143,8 @@ def report(data: dict) -> str:
         last = removal["last"]
         lines.append(f"  last padded forward in this process: {last['path']}"
                      + (f" ({last['reason']})" if last["reason"] else ""))
+    for path, why in data.get("traced", {}).items():
+        lines.append(f"  traced ({path}): {why}")
     lines.append("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in data["versions"].items()))
     gpu = data["gpu"]
     lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")

@@ -91,3 +91,18 @@ def test_unpadded_greedy_loop_without_masks_matches_eager(backend, cache):
             tokens, _ = greedy_loop(fast, ids, 16, new_cache(fast))
         reference, _ = greedy_loop(eager, ids, 16, new_cache(eager))
     assert torch.equal(tokens, reference)
+
+
+def test_inference_mode_forward_and_left_padded_generation_match_eager():
+    """Inference tensors keep no version counter: the per-forward plan must not ask them for one."""
+    fast, eager = model_pair(seed=17)
+    fast.eval(), eager.eval()
+    ids, mask = _prompts([6, 2, 4], seed=5)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        logits = fast(input_ids=ids).logits
+        reference = eager(input_ids=ids).logits
+        tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)
+        reference_tokens = eager.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-5
+    assert torch.equal(tokens, reference_tokens)

@@ -1,0 +1,217 @@
+"""Traced calls: torch.compile (fullgraph, transformers' own compiled decoding) and torch.export
+see no graph break and no host sync inside the model, and answer as eager does.
+
+Dynamo's capture is what is under test, so most cases compile with the "eager" backend (the
+captured graph run as it is); the GPU suite compiles with inductor and CUDA graphs.
+"""
+
+import pytest
+import torch
+
+from conftest import FLOAT32_RTOL, cache_keyword, model_pair, modern_era, padding_mask, static_cache_or_skip
+
+LENGTHS = [7, 4, 1]
+MASKS = ["none", "all-ones", "right", "left"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    if not modern_era():
+        pytest.skip("traced calls are covered on transformers >= 4.56 (AttentionInterface with mask functions); "
+                    "see the README's era table")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _prompt(side, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(LENGTHS)
+    ids = torch.randint(3, 97, (len(LENGTHS), width), generator=generator)
+    if side == "none":
+        return ids, None
+    if side == "all-ones":
+        return ids, torch.ones_like(ids)
+    mask = padding_mask(LENGTHS, side)
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _max_error_at_real_positions(out, reference, mask):
+    real = torch.ones(reference.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+    return ((out - reference)[real].abs().max() / reference[real].abs().max()).item()
+
+
+def _prefilled(model, ids, mask, max_cache_len=32):
+    """(static cache filled with the prompt, its next tokens, the decode-step mask as generate extends it)."""
+    cache = static_cache_or_skip(model.config, max_cache_len, batch_size=ids.shape[0])
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_keyword(model): cache})
+    tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+    return cache, tokens, torch.cat([mask, torch.ones_like(tokens)], dim=1)
+
+
+def _decode_step(model, cache):
+    keyword = cache_keyword(model)
+    return lambda tokens, mask: model(input_ids=tokens, attention_mask=mask, use_cache=True,
+                                      **{keyword: cache}).logits
+
+
+def test_a_static_cache_decode_step_traces_as_one_graph_without_breaks():
+    fast, _ = model_pair(seed=3)
+    ids, mask = _prompt("left", seed=3)
+    with torch.no_grad():
+        cache, tokens, step_mask = _prefilled(fast.eval(), ids, mask)
+        explained = torch._dynamo.explain(_decode_step(fast, cache))(tokens, step_mask)
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("side", ["left", "all-ones"])
+def test_fullgraph_decode_steps_match_eager(side):
+    fast, eager = model_pair(seed=4)
+    ids, mask = _prompt(side, seed=4)
+    logits = {}
+    with torch.no_grad():
+        for name, model in (("fast", fast.eval()), ("eager", eager.eval())):
+            cache, tokens, step_mask = _prefilled(model, ids, mask)
+            step = _decode_step(model, cache)
+            if name == "fast":
+                step = torch.compile(step, fullgraph=True, backend="eager")
+            steps = []
+            for _ in range(3):
+                steps.append(step(tokens, step_mask)[:, -1])
+                tokens = steps[-1].argmax(-1, keepdim=True)
+                step_mask = torch.cat([step_mask, torch.ones_like(tokens)], dim=1)
+            logits[name] = torch.stack(steps)
+    error = ((logits["fast"] - logits["eager"]).abs().max() / logits["eager"].abs().max()).item()
+    assert error < FLOAT32_RTOL
+
+
+def test_a_traced_prefill_into_a_static_cache_matches_eager():
+    fast, eager = model_pair(seed=5)
+    ids, mask = _prompt("left", seed=5)
+    outputs = {}
+    with torch.no_grad():
+        for name, model in (("fast", fast.eval()), ("eager", eager.eval())):
+            cache = static_cache_or_skip(model.config, 32, batch_size=ids.shape[0])
+            keyword = cache_keyword(model)
+
+            def prefill(ids, mask, model=model, cache=cache, keyword=keyword):
+                return model(input_ids=ids, attention_mask=mask, use_cache=True, **{keyword: cache}).logits
+
+            if name == "fast":
+                prefill = torch.compile(prefill, fullgraph=True, backend="eager")
+            outputs[name] = prefill(ids, mask)
+    assert _max_error_at_real_positions(outputs["fast"], outputs["eager"], mask) < FLOAT32_RTOL
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts compilations
+    (transformers deep-copies its compile config, so the count lives on the class)."""
+
+    compilations = 0
+
+    def __call__(self, graph_module, example_inputs, **options):
+        type(self).compilations += 1
+        return graph_module.forward
+
+
+def test_generate_with_a_static_cache_compiled_by_transformers_matches_eager_without_recompiling():
+    from transformers import CompileConfig
+
+    fast, eager = model_pair(seed=6)
+    fast.eval(), eager.eval()
+    # transformers compiles only on accelerators unless told otherwise; its default mode is for inductor
+    config = CompileConfig(backend=_CountingBackend(), fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+                    cache_implementation="static")
+    _CountingBackend.compilations = 0
+    compiled = []
+    # two batches of the same padded width, with different prompt lengths
+    for lengths, seed in (([9, 5, 2], 1), ([6, 9, 3], 2)):
+        mask = padding_mask(lengths, "left")
+        ids = torch.randint(3, 97, mask.shape, generator=torch.Generator().manual_seed(seed)).masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            tokens = fast.generate(input_ids=ids, attention_mask=mask, compile_config=config, **settings)
+            reference = eager.generate(input_ids=ids, attention_mask=mask, disable_compile=True, **settings)
+        assert torch.equal(tokens, reference)
+        compiled.append(_CountingBackend.compilations)
+    assert compiled == [1, 1]  # one graph for every decode step of both calls
+
+
+def _forward_kwargs(mask):
+    return {} if mask is None else {"attention_mask": mask}
+
+
+@pytest.mark.parametrize("side", MASKS)
+def test_torch_export_of_a_forward_matches_eager_at_real_positions(side):
+    fast, eager = model_pair(seed=7)
+    ids, mask = _prompt(side, seed=7)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    with torch.no_grad():
+        program = torch.export.export(Logits(fast.eval()), (ids,), _forward_kwargs(mask))
+        out = program.module()(ids, **_forward_kwargs(mask))
+        reference = eager.eval()(input_ids=ids, use_cache=False, **_forward_kwargs(mask)).logits
+    assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL
+
+
+@pytest.mark.parametrize("side", MASKS)
+def test_fullgraph_compile_of_the_forward_matches_eager(side):
+    """The unchanged call (use_cache left at its default): no graph break anywhere in the model."""
+    fast, eager = model_pair(seed=8)
+    ids, mask = _prompt(side, seed=8)
+    with torch.no_grad():
+        out = torch.compile(fast.eval().forward, fullgraph=True, backend="eager")(input_ids=ids,
+                                                                                   **_forward_kwargs(mask))
+        reference = eager.eval()(input_ids=ids, **_forward_kwargs(mask))
+    assert _max_error_at_real_positions(out.logits, reference.logits, mask) < FLOAT32_RTOL
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_fullgraph_training_step_on_a_padded_batch_matches_eager(side):
+    from conftest import labels_for, train_step, worst_gradient_error
+
+    fast, eager = model_pair(seed=9)
+    ids, mask = _prompt(side, seed=9)
+    labels = labels_for(ids, mask)
+    fast.train(), eager.train()
+    fast.compile(fullgraph=True, backend="aot_eager")  # in place: parameter names unchanged
+    logits, grads = train_step(fast, input_ids=ids, attention_mask=mask, labels=labels)
+    reference_logits, reference_grads = train_step(eager, input_ids=ids, attention_mask=mask, labels=labels)
+    assert _max_error_at_real_positions(logits, reference_logits, mask) < FLOAT32_RTOL
+    assert worst_gradient_error(grads, reference_grads)[0] < FLOAT32_RTOL
+
+
+def test_the_trace_safe_path_is_recorded_in_status():
+    import autoflash
+    from autoflash import tracing
+
+    tracing.traced_paths.clear()
+    fast, _ = model_pair(seed=10)
+    ids, mask = _prompt("right", seed=10)
+    with torch.no_grad():
+        torch.compile(fast.eval().forward, fullgraph=True, backend="eager")(input_ids=ids, attention_mask=mask)
+    traced = autoflash.status()["traced"]
+    assert tracing.TRACE_SAFE in traced
+    assert "traced masked" in traced and traced["traced masked"].endswith("-> sdpa")
+
+
+def test_plain_compile_of_a_padded_forward_still_removes_padding_for_the_whole_model():
+    """Where the trace may break (no fullgraph), the padded forward pays one break for the packed row."""
+    from conftest import last_path
+
+    fast, eager = model_pair(seed=11)
+    ids, mask = _prompt("left", seed=11)
+    with torch.no_grad():
+        out = torch.compile(fast.eval().forward, backend="eager")(input_ids=ids, attention_mask=mask)
+        reference = eager.eval()(input_ids=ids, attention_mask=mask)
+    assert last_path() == "whole-model"
+    assert _max_error_at_real_positions(out.logits, reference.logits, mask) < FLOAT32_RTOL
