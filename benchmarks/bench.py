@@ -23,7 +23,9 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
     w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
     w1packed   the same tokens packed into one row through position_ids
     (``w1 --profile``: the CUDA kernel time of one step by kind, autoflash against fa2 padding-free)
-    w2         decode: batch 16, left-padded prompts U(64, 1024), 128 greedy tokens, dynamic and static cache
+    w2         decode: 128 greedy tokens at batch 16 (left-padded prompts U(64, 1024)) and batch 1 (700
+               tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
+               CUDA graphs) and by the user's torch.compile(mode="reduce-overhead")
     w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence
     w4         longest single sequence (powers of two) that trains one step
 
@@ -54,6 +56,7 @@ PADDING_FREE_FA2 = "fa2 padding-free"
 TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "autoflash", "autoflash-per-layer",
                         "autoflash-cache-on", "autoflash-torch", "autoflash-torch-per-layer"]
 WORKLOADS = ["w1", "w1packed", "w2", "w3", "w4"]
+DECODE_BATCHES = DECODE_MODES_RUN = None  # w2: --decode-batch / --decode-mode
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -311,41 +314,78 @@ def _backend_used():
 
 # -- W2: decoding ----------------------------------------------------------------------------------
 
-def run_decoding(s):
-    model = build_model(s).eval()
+DECODE_MODES = {
+    "dynamic": "plain generate(): DynamicCache, uncompiled",
+    "static": "static cache, uncompiled (disable_compile=True)",
+    "static compiled": "static cache, compiled by transformers itself (its default compile_config: CUDA graphs)",
+    "reduce-overhead": "static cache, the user's torch.compile(model.forward, mode='reduce-overhead')",
+}
+
+
+def decode_prompts(s, batch):
+    """Batch 16: left-padded prompts U(prompt_min, prompt_max); batch 1: one prompt of 700 tokens."""
     generator = torch.Generator().manual_seed(2)
-    lengths = torch.randint(s["prompt_min"], s["prompt_max"] + 1, (s["decode_batch"],), generator=generator).tolist()
+    if batch == 1:
+        lengths = [min(700, s["prompt_max"])]
+    else:
+        lengths = torch.randint(s["prompt_min"], s["prompt_max"] + 1, (batch,), generator=generator).tolist()
     width = max(lengths)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
     ids = torch.randint(3, s["vocab"], mask.shape, generator=generator).masked_fill(mask == 0, 0)
-    ids, mask = ids.to(s["device"]), mask.to(s["device"])
+    return lengths, ids.to(s["device"]), mask.to(s["device"])
+
+
+def run_decoding(s):
+    model = build_model(s).eval()
     new = s["new_tokens"]
     rows = []
-    for cache in ("dynamic", "static"):
-        settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        if cache == "static":
-            settings.update(cache_implementation="static", disable_compile=True)
-        for competitor in COMPETITORS:
-            why = available(competitor)
-            if why:
-                rows.append(dict(competitor=competitor, cache=cache, skipped=why))
-                continue
-            with competing_as(model, competitor), torch.no_grad():
-                try:
-                    cold = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), s["device"])
-                    times = [timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings),
-                                   s["device"]) for _ in range(2)]
-                    median = statistics.median(times)
-                    rows.append(dict(competitor=competitor, cache=cache, tokens_per_s=len(lengths) * new / median,
-                                     first_run_tokens_per_s=len(lengths) * new / cold, backend=_backend_used()))
-                except Exception as exc:  # noqa: BLE001
-                    if not is_oom(exc):
-                        raise
-                    rows.append(dict(competitor=competitor, cache=cache, skipped="out of memory"))
-            reset_memory(s["device"])
-    return dict(prompt_lengths=lengths, new_tokens=new, rows=rows)
+    # smoke (CPU): transformers compiles nothing there, and inductor's CPU compile of every row takes minutes
+    batches = DECODE_BATCHES or ([s["decode_batch"]] if s["device"] == "cpu" else [s["decode_batch"], 1])
+    modes = DECODE_MODES_RUN or [m for m in DECODE_MODES if s["device"] != "cpu" or m != "reduce-overhead"]
+    for batch in batches:
+        lengths, ids, mask = decode_prompts(s, batch)
+        for mode in modes:
+            for competitor in COMPETITORS:
+                why = available(competitor)
+                if why:
+                    rows.append(dict(competitor=competitor, cache=mode, batch=batch, skipped=why))
+                    continue
+                rows.append(_decode_row(model, s, competitor, mode, batch, ids, mask, new))
+                reset_memory(s["device"])
+    return dict(prompt_lengths=lengths, new_tokens=new, modes=DECODE_MODES, rows=rows)
+
+
+def _decode_row(model, s, competitor, mode, batch, ids, mask, new):
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if mode != "dynamic":
+        settings["cache_implementation"] = "static"
+    if mode in ("static", "reduce-overhead"):
+        settings["disable_compile"] = True
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)  # transformers keeps its compiled forward on the model
+    forward = model.__dict__.pop("forward", None)
+    with competing_as(model, competitor), torch.no_grad():
+        if mode == "reduce-overhead":
+            model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead")
+        try:
+            cold = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), s["device"])
+            times = [timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), s["device"])
+                     for _ in range(2)]
+            median = statistics.median(times)
+            return dict(competitor=competitor, cache=mode, batch=batch, tokens_per_s=batch * new / median,
+                        first_call_s=cold, backend=_backend_used())
+        except Exception as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            return dict(competitor=competitor, cache=mode, batch=batch, skipped="out of memory")
+        finally:
+            model.__dict__.pop("forward", None)
+            if forward is not None:
+                model.forward = forward
+            model.__dict__.pop("_compiled_call", None)
+            torch._dynamo.reset()
 
 
 # -- W3: kernels alone -----------------------------------------------------------------------------
@@ -486,12 +526,13 @@ def table(workload, result) -> str:
                 lines.append(f"  kernel ms by kind, {r['competitor']}: " +
                              ", ".join(f"{k} {v}" for k, v in r["profile"].items()))
     elif workload == "w2":
-        for cache in ("dynamic", "static"):
-            rows = [r for r in result["rows"] if r["cache"] == cache]
-            add_ratios(rows, "tokens_per_s")
-            lines.append(f"{cache} cache: {len(result['prompt_lengths'])} prompts, {result['new_tokens']} new tokens")
-            lines += _competitor_lines(rows, f"{'tokens/s':>10}{'first run':>10}",
-                                       lambda r: f"{r['tokens_per_s']:>10.0f}{r['first_run_tokens_per_s']:>10.0f}")
+        for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
+            for mode in dict.fromkeys(r["cache"] for r in result["rows"]):
+                rows = [r for r in result["rows"] if r["cache"] == mode and r["batch"] == batch]
+                add_ratios(rows, "tokens_per_s")
+                lines.append(f"batch {batch}, {mode}: {result['modes'][mode]}; {result['new_tokens']} new tokens")
+                lines += _competitor_lines(rows, f"{'tokens/s':>10}{'1st call s':>11}",
+                                           lambda r: f"{r['tokens_per_s']:>10.0f}{r['first_call_s']:>11.2f}")
     elif workload == "w3":
         lines.append(f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s; TFLOP/s forward / forward+backward")
         lines.append(f"{'kernel':<30}" + "".join(f"{r['length']:>14}" for r in result["rows"]
@@ -530,7 +571,8 @@ def plot(workload, result, path: Path) -> str:
     else:
         key = {"w4": "longest"}.get(workload, "tokens_per_s")
         rows = [r for r in result["rows"] if "skipped" not in r]
-        labels = [r["competitor"] + (f"\n{r['cache']}" if "cache" in r else "") for r in rows]
+        labels = [r["competitor"] + (f"\n{r['cache']}" if "cache" in r else "")
+                  + (f" b{r['batch']}" if "batch" in r else "") for r in rows]
         ax.bar(labels, [r[key] for r in rows])
         ax.set_ylabel({"longest": "longest sequence trained", "tokens_per_s": "tokens/s"}[key])
         ax.tick_params(axis="x", labelsize=7)
@@ -579,9 +621,12 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind")
+    parser.add_argument("--decode-batch", type=int, action="append", help="w2: batch sizes (default: 16 and 1)")
+    parser.add_argument("--decode-mode", action="append", choices=list(DECODE_MODES), help="w2: modes (default: all)")
     args = parser.parse_args(argv)
-    global PROFILE
+    global PROFILE, DECODE_BATCHES, DECODE_MODES_RUN
     PROFILE = args.profile
+    DECODE_BATCHES, DECODE_MODES_RUN = args.decode_batch, args.decode_mode
     if args.workload != "all":
         run_one(args.workload, args.smoke, args.out)
         return 0

@@ -286,6 +286,55 @@ def test_compiled_training_step_keeps_the_layer_stack_in_one_graph(backend):
     assert _within_floor(err, floor), f"compiled loss {err:.2e} vs floor {floor:.2e}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_static_cache_decoding_captures_cuda_graphs_and_matches_eager(backend):
+    """transformers' own compiled decoding (static cache: inductor, CUDA graphs) with autoflash active;
+    flash_attn, which serves decode steps without a padding mask, through a compiled loop of the user's."""
+    from torch._dynamo.utils import counters
+
+    from conftest import cache_keyword, modern_era
+
+    if not modern_era():
+        pytest.skip("compiled decoding is covered on transformers >= 4.56")
+    fast, eager_half, _ = _models("hd128", torch.bfloat16, seed=3, vocab_size=128)
+    fast.eval(), eager_half.eval()
+    lengths = [37, 5, 120, 64]
+    mask = padding_mask(lengths, "left", device="cuda")
+    ids = torch.randint(3, 128, mask.shape, device="cuda").masked_fill(mask == 0, 0)
+    settings = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0,
+                    cache_implementation="static")
+    torch._dynamo.reset()
+    counters.clear()
+    width = mask.shape[1]
+    with torch.no_grad():
+        if backend == "flash_attn":  # no mask: one prompt length, a compiled step of the user's
+            ids, mask = ids[:, -5:].contiguous(), None
+            width = ids.shape[1]
+            cache = static_cache_or_skip(fast.config, 64, batch_size=ids.shape[0])
+            keyword = cache_keyword(fast)
+            step = torch.compile(lambda t: fast(input_ids=t, use_cache=True, **{keyword: cache}).logits[:, -1],
+                                 mode="reduce-overhead", fullgraph=True)
+            with dispatch.forced(backend):
+                last = fast(input_ids=ids, use_cache=True, **{keyword: cache}).logits[:, -1]
+                out = [last.argmax(-1, keepdim=True)]
+                for _ in range(23):
+                    out.append(step(out[-1].clone()).argmax(-1, keepdim=True))
+            tokens = torch.cat(out, dim=1)
+        else:
+            with dispatch.forced(backend):
+                tokens = fast.generate(input_ids=ids, attention_mask=mask, **settings)[:, width:]
+        reference = eager_half.generate(input_ids=ids, attention_mask=mask, output_scores=True,
+                                        return_dict_in_generate=True, disable_compile=True, **settings)
+    skips = dict(counters["inductor"])
+    torch._dynamo.reset()
+    expected = reference.sequences[:, width:]
+    same = (tokens == expected).all(dim=0).long().cumprod(0).sum().item()
+    RESULTS.append(("compiled static decode bf16", dispatch.last_decisions["cache"].backend, same, float("nan"),
+                    float("nan"), float("nan")))
+    assert skips.get("cudagraph_skips", 0) == 0, skips
+    _assert_first_16_or_near_tie(tokens, expected, reference.scores, same)
+
+
 def test_print_summary():
     print("\ncase                         backend     error     eager-floor  grad-error  grad-floor")
     for case, backend, err, floor, gerr, gfloor in RESULTS:
