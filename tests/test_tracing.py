@@ -49,10 +49,21 @@ def _prefilled(model, ids, mask, max_cache_len=32):
     return cache, tokens, torch.cat([mask, torch.ones_like(tokens)], dim=1)
 
 
+def _positions(model, mask):
+    """cache_position as generate() passes it, where the forward takes one: transformers 4.5x would
+    otherwise count a static cache's filled slots itself, with a host sync of its own."""
+    import inspect
+
+    if "cache_position" not in inspect.signature(type(model.model).forward).parameters:
+        return {}
+    width, step = mask.shape[1], mask.shape[1] - 1
+    return {"cache_position": torch.arange(step, width)}
+
+
 def _decode_step(model, cache):
     keyword = cache_keyword(model)
     return lambda tokens, mask: model(input_ids=tokens, attention_mask=mask, use_cache=True,
-                                      **{keyword: cache}).logits
+                                      **{keyword: cache}, **_positions(model, mask)).logits
 
 
 def test_a_static_cache_decode_step_traces_as_one_graph_without_breaks():
