@@ -14,7 +14,7 @@ from autoflash import dispatch, tracing
 from autoflash.backends import BY_NAME
 from autoflash.backends._common import allowed_keys
 from autoflash.call import AttentionCall, capability_of
-from autoflash.layout import ONE_SEQUENCE_PER_ROW, plan_for, plan_traced
+from autoflash.layout import FORWARD_LAYOUT, pad_key_mask, plan_for, plan_traced
 from autoflash.settings import logger
 
 # The name autoflash registers under. It must not contain "flash": transformers treats
@@ -48,8 +48,7 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
             # A decode step on a static cache: the mask at the cache's width, so that every step of a
             # generation has the same shapes (compiled steps are recorded as CUDA graphs per shape);
             # slots past the fill level are no keys.
-            tail = attention_mask.new_zeros(attention_mask.shape[0], kv_length - width)
-            return torch.cat([attention_mask.to(torch.bool), tail.to(torch.bool)], dim=1)
+            return pad_key_mask(attention_mask, kv_length)
         return attention_mask[...]  # a fresh object per forward (layout.plan_for keys on it)
     if kv_length == q_length:
         return None
@@ -76,7 +75,6 @@ class PackedRow:
         self.call = None
         self.backend = None
 
-    @torch.compiler.disable
     def decide(self, config, device, hidden_dtype, training: bool, needs_grad: bool) -> None:
         dtype = hidden_dtype
         if device.type == "cuda" and dtype == torch.float32:
@@ -89,7 +87,7 @@ class PackedRow:
             num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
             kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
             needs_grad=needs_grad)
-        self.backend = BY_NAME[dispatch.choose(self.call).backend]
+        self.backend = BY_NAME[dispatch.pick(self.call, device)]
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -132,8 +130,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
 
     A traced call is tensor operations and custom ops only: its layout is built without a
     host sync (``layout.plan_traced``: padding and packed sequences become a mask rather than
-    an unpadded row) and its backend is chosen by dispatch at trace time
-    (``dispatch.choose_traced``), so the compiled program holds neither Python decisions
+    an unpadded row) and its backend is chosen by dispatch at trace time (``dispatch.pick``), so the compiled program holds neither Python decisions
     nor thread state, and a decode step can be one CUDA graph.
     """
     special = _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced)
@@ -142,7 +139,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
     layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs, traced)
-    name = dispatch.choose_traced(call, query.device) if traced else dispatch.choose(call).backend
+    name = dispatch.pick(call, query.device)
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = BY_NAME[name].run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
@@ -152,19 +149,18 @@ def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwa
     """The forward's layout (computed by its first layer) and this call's record for dispatch."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
-    packed = kwargs.get("autoflash_packed_row")
-    one_sequence = bool(kwargs.get(ONE_SEQUENCE_PER_ROW))
+    packed, given = kwargs.get("autoflash_packed_row"), kwargs.get(FORWARD_LAYOUT)
     if packed is not None and batch == 1 and q_len == kv_len == packed.layout.q_len:
         layout = packed.layout
+    elif given is not None and given.batch == batch and q_len == kv_len == given.q_len:
+        layout = given
     else:
         plan = plan_traced if traced else plan_for
         layout = plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
-                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"), one_sequence_per_row=one_sequence)
+                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = AttentionCall(
-        kind=layout.kind, device_type=query.device.type,
-        capability=None if traced else capability_of(query.device),  # dispatch.choose_traced reads it
-        dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device), dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
         q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
         needs_grad=_needs_grad(query, key, value),
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
@@ -223,7 +219,7 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as eager
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids", ONE_SEQUENCE_PER_ROW)}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids", FORWARD_LAYOUT)}
     return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -15,7 +15,7 @@ class AttentionCall:
 
     kind: str  # layout kind: "dense" | "varlen" | "cache"
     device_type: str
-    capability: Optional[Tuple[int, int]]  # CUDA compute capability, None off CUDA
+    capability: Optional[Tuple[int, int]]  # CUDA compute capability, None off CUDA (and in traced calls' records)
     dtype: torch.dtype  # the dtype the kernel would run in (after autocast)
     head_dim: int
     num_heads: int
@@ -41,11 +41,13 @@ class AttentionCall:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: Optional[int]) -> Tuple[int, int]:
+def device_capability(index: Optional[int]) -> Tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (None: the current one)."""
     return torch.cuda.get_device_capability(index)
 
 
 def capability_of(device: torch.device) -> Optional[Tuple[int, int]]:
-    if device.type != "cuda":
+    """The CUDA compute capability; None off CUDA, and in a traced call (dispatch reads it at trace time)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return None
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return device_capability(device.index if device.index is not None else torch.cuda.current_device())

@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import torch
 
 from autoflash import backends, tracing
-from autoflash.call import AttentionCall, capability_of
+from autoflash.call import AttentionCall, device_capability
 from autoflash.settings import logger, settings
 
 
@@ -67,13 +67,15 @@ def choose(call: AttentionCall) -> Decision:
     return decision
 
 
-def choose_traced(call: AttentionCall, device) -> str:
-    """``choose`` for a call being traced by torch.compile or torch.export: the backend's name.
+def pick(call: AttentionCall, device) -> str:
+    """The name of the backend that serves ``call``: ``choose``, or for a call being traced by
+    torch.compile or torch.export, ``choose`` run once at trace time.
 
-    The decision is made once, while tracing, and the compiled program keeps only its
-    result (the fields go through as constants; a traced call's record has no capability,
-    which is read here).
+    A compiled program keeps only the traced decision's result (the record's fields go through
+    as constants; a traced call's record has no capability, which is read there).
     """
+    if not tracing.is_tracing():
+        return choose(call).backend
     index = device.index if device.type == "cuda" else None
     return _choose_at_trace_time(call.kind, call.device_type, index, call.dtype, call.head_dim, call.num_heads,
                                  call.num_kv_heads, _constant_length(call.q_len), _constant_length(call.kv_len),
@@ -89,7 +91,7 @@ def _constant_length(length):
 @torch.compiler.assume_constant_result
 def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_heads, num_kv_heads, q_len, kv_len,
                           dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous) -> str:
-    capability = capability_of(torch.device(device_type, device_index)) if device_type == "cuda" else None
+    capability = device_capability(device_index) if device_type == "cuda" else None
     call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
                          causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,

@@ -34,10 +34,12 @@ from typing import Optional
 
 import torch
 
-# A keyword argument the LLaMA forward hands to attention when its caller gave neither an
-# attention mask nor position ids: every row is then one sequence, and nothing need be
-# searched for packed sequences (transformers itself fills position ids in by then).
-ONE_SEQUENCE_PER_ROW = "autoflash_one_sequence_per_row"
+# The keyword argument by which the LLaMA forward hands its layers the layout of its padded
+# batch where it knows it without a host sync: every row one sequence (the caller gave neither
+# a mask nor position ids; transformers fills position ids in later, and searching those for
+# packed sequences would sync), or a traced call's masked layout, built once instead of per layer.
+# It describes the calls without a cached prefix: q_len == kv_len == Layout.q_len.
+FORWARD_LAYOUT = "autoflash_layout"
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,21 @@ def sequence_starts(real: torch.Tensor, position_ids: Optional[torch.Tensor]) ->
     return real & ((prev_real < 0) | (pos <= prev_pos))
 
 
+def _segments(real: torch.Tensor, starts: torch.Tensor):
+    """(each cell's sequence number in row-major order, flat; (batch, length) segment ids, -1 on padding)."""
+    seq_of_token = starts.reshape(-1).long().cumsum(0) - 1
+    segment_ids = torch.where(real.reshape(-1), seq_of_token, torch.full_like(seq_of_token, -1)).view(real.shape)
+    return seq_of_token, segment_ids
+
+
+def pad_key_mask(mask: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(batch, width) key-padding mask -> (batch, kv_len) bool, slots past the width no keys."""
+    mask = mask.to(torch.bool)
+    if mask.shape[1] == kv_len:
+        return mask
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], kv_len - mask.shape[1])], dim=1)
+
+
 def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
                        batch: int, q_len: int, device: torch.device,
                        extra_check: Optional[torch.Tensor] = None) -> Layout:
@@ -110,7 +127,7 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     starts = sequence_starts(real, position_ids)
     flat_real, flat_starts = real.reshape(-1), starts.reshape(-1)
     n_cells = flat_real.numel()
-    seq_of_token = flat_starts.long().cumsum(0) - 1
+    seq_of_token, segment_ids = _segments(real, starts)
     slot = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, n_cells))
     lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
         0, slot, torch.ones_like(slot))[:n_cells]
@@ -126,7 +143,6 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     cu_seqlens = torch.nn.functional.pad(lengths[:n_seq].cumsum(0), (1, 0)).to(torch.int32)
     # packed rows without padding need no gather: every token is real, in place
     indices = None if total == n_cells else _nonzero_1d(flat_real, total)
-    segment_ids = torch.where(flat_real, seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
     return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
                   max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1,
                   extra_check=extra)
@@ -154,9 +170,7 @@ def _cache_keys(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len: in
         fills = keys.to(device=device, dtype=torch.int32)
         return fills, arange[None, :] < fills[:, None]
     width = keys.shape[1]
-    key_mask = keys.to(device=device, dtype=torch.bool)
-    if width < kv_len:
-        key_mask = torch.cat([key_mask, key_mask.new_zeros(batch, kv_len - width)], dim=1)
+    key_mask = pad_key_mask(keys.to(device), kv_len)
     if q_len == 1 and width == kv_len:
         # A decode step's mask may span a static cache's width, past its fill level (the mask
         # function pads it so that every step has one shape). The one query sees every valid
@@ -217,20 +231,18 @@ def plan_with_cache(keys: Optional[torch.Tensor], batch: int, q_len: int, kv_len
                   max_seqlen_k=max_k, kv_used=fill, syncs=1)
 
 
-def plan_traced(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None,
-                one_sequence_per_row=False) -> Layout:
+def plan_traced(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None,
+                given_max_seqlen=None) -> Layout:
     """The layout of a call being traced by torch.compile or torch.export: no host sync, and
     every shape independent of the data (see autoflash/tracing.py)."""
     if kv_len > q_len:
         return plan_with_cache(mask, batch, q_len, kv_len, device, traced=True)
     if given_cu_seqlens is not None and isinstance(given_max_seqlen, int):
         return plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
-    if mask is None and (position_ids is None or one_sequence_per_row):
+    if mask is None and position_ids is None:
         return Layout("dense", batch, q_len, q_len)
     real = mask.to(torch.bool) if mask is not None else torch.ones(batch, q_len, dtype=torch.bool, device=device)
-    starts = sequence_starts(real, position_ids)
-    seq_of_token = starts.reshape(-1).long().cumsum(0) - 1
-    segment_ids = torch.where(real.reshape(-1), seq_of_token, torch.full_like(seq_of_token, -1)).view(batch, q_len)
+    _, segment_ids = _segments(real, sequence_starts(real, position_ids))
     return Layout("masked", batch, q_len, q_len, segment_ids=segment_ids)
 
 
@@ -253,11 +265,9 @@ def _identity(t):
     return id(t), version, tuple(t.shape)
 
 
-def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None,
-             one_sequence_per_row=False):
+def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=None, given_max_seqlen=None):
     """The layout for this forward, computed by its first attention layer and reused by the rest."""
-    key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len,
-           one_sequence_per_row)
+    key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len)
     # the weak references prove the ids still name the same live tensors (ids are reused after free)
     if key == _last.key and all(r() is not None for r in _last.refs):
         return _last.layout
@@ -266,8 +276,6 @@ def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=
         layout = plan_with_cache(mask, batch, q_len, kv_len, device)
     elif given_cu_seqlens is not None:
         layout = plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
-    elif mask is None and one_sequence_per_row:
-        layout = Layout("dense", batch, q_len, q_len)
     else:
         layout = plan_without_cache(mask, position_ids, batch, q_len, device)
     _last.key, _last.refs, _last.layout = key, refs, layout

@@ -35,8 +35,8 @@ import torch
 
 from autoflash import tracing
 from autoflash.attention import PackedRow
-from autoflash.layout import (ONE_SEQUENCE_PER_ROW, Layout, pack, plan_from_given_boundaries, plan_without_cache,
-                              scatter)
+from autoflash.layout import (FORWARD_LAYOUT, Layout, pack, plan_from_given_boundaries, plan_traced,
+                              plan_without_cache, scatter)
 from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
 
 WHOLE_MODEL = "whole-model"
@@ -69,10 +69,12 @@ def last_decision() -> Optional[dict]:
     return {"path": path, "reason": reason}
 
 
-# Every read and write of the thread state goes through a function torch.compile leaves
-# to Python: a compiled model must not trace (and so freeze) who handed what to whom.
+# No traced program reads the thread state: what is only read or written outside a trace checks
+# ``tracing.is_tracing()`` (which torch.compile folds to a constant), the record of the path runs
+# once at trace time, and the handoff between packed_loss and this module, needed by a plain
+# torch.compile of a padded batch (a trace that may break), is its one explicit graph break.
 
-@torch.compiler.disable
+@torch.compiler.assume_constant_result  # a compiled program's path is recorded when it is traced
 def record(path: str, reason: Optional[str]) -> None:
     _thread.last = (path, reason)
     if reason is not None and reason not in _logged:
@@ -80,7 +82,6 @@ def record(path: str, reason: Optional[str]) -> None:
         logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)
 
 
-@torch.compiler.disable
 def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
     """cu_seq_lens_q/k and max_length_q/k of the packed row being run, for an attention call
     of that row that was not given them, else None.
@@ -88,14 +89,16 @@ def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
     transformers 4.37-4.47 pass no such arguments to attention at all, and 4.48-4.5x drop
     them under gradient checkpointing; the packed row's position ids alone cannot always
     tell where a sequence ends (a left-padded row's positions continue past the previous row's).
+    Nothing is published in a traced call: those eras keep the padding there.
     """
+    if tracing.is_tracing():
+        return None
     published = _thread.boundaries
     if published is None or batch != 1 or q_len != published[0]:
         return None
     return published[1]
 
 
-@torch.compiler.disable
 def padded_width(seq_len) -> Optional[int]:
     """The padded batch's length where ``seq_len`` is the length of the packed row being run, else None.
 
@@ -105,6 +108,8 @@ def padded_width(seq_len) -> Optional[int]:
     to 256) and, with dynamic NTK scaling, with a different base. The padded length is what
     eager gives it.
     """
+    if tracing.is_tracing():
+        return None
     published = _thread.boundaries
     if published is None or seq_len != published[0]:
         return None
@@ -162,25 +167,40 @@ def _positions(position_ids, batch, length, device):
 
 # -- the wrapper of LlamaModel.forward ------------------------------------------------------------
 
-def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_for_packed_row=True):
+def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_for_packed_row=True,
+         publish_boundaries=None):
     """LlamaModel.forward, with padding removed from the whole stack where ``why_keep_padding`` allows.
 
-    ``boundaries_as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k to attention
-    (else ``packed_boundaries`` publishes them). ``mask_for_packed_row``: hand the packed row
-    an all-ones mask (transformers >= 4.53 would otherwise search its position ids for
-    boundaries, a second host sync) or none (earlier releases scan a mask they are given).
+    ``boundaries_as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k (and other keyword
+    arguments) to attention. ``publish_boundaries``: attention may not receive them (4.37-4.47
+    never, 4.48-4.5x not under gradient checkpointing), so ``packed_boundaries`` publishes them
+    for the forward; such eras keep the padding in a traced call, which reads no thread state.
+    ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
+    otherwise search its position ids for boundaries, a second host sync) or none (earlier
+    releases scan a mask they are given).
     """
-    def hinted(module, attention_mask, position_ids, kwargs):
-        # neither a mask nor position ids from the caller: every row is one sequence, and attention
-        # need not search the position ids transformers fills in for packed sequences (a host sync)
-        if (boundaries_as_kwargs and attention_mask is None and position_ids is None
-                and kwargs.get("cu_seq_lens_q") is None and runs_autoflash(module, attention_name)):
-            return {**kwargs, ONE_SEQUENCE_PER_ROW: True}
+    if publish_boundaries is None:
+        publish_boundaries = not boundaries_as_kwargs
+
+    def with_layout(module, input_ids, attention_mask, position_ids, kwargs):
+        """kwargs, with the padded batch's layout for attention where it is known without a sync."""
+        if not boundaries_as_kwargs or _cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
+                or not runs_autoflash(module, attention_name):
+            return kwargs
+        source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch, length = source.shape[:2]
+        if attention_mask is None and position_ids is None:
+            # every row one sequence: attention need not search the position ids transformers fills in
+            return {**kwargs, FORWARD_LAYOUT: Layout("dense", batch, length, length)}
+        if tracing.is_tracing() and attention_mask is not None and attention_mask.dim() == 2:
+            # the padded batch's mask, built once for every layer
+            layout = plan_traced(attention_mask, position_ids, batch, length, length, source.device)
+            return {**kwargs, FORWARD_LAYOUT: layout}
         return kwargs
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs)
+        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs) or publish_boundaries
                                      or not tracing.graph_breaks_allowed()):
             # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
             # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
@@ -188,7 +208,7 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
                 tracing.note(tracing.TRACE_SAFE, "a padded forward traced by torch.export or fullgraph "
                                                  "torch.compile keeps its padding; attention masks it")
             return original(self, input_ids, attention_mask, position_ids, *args,
-                            **hinted(self, attention_mask, position_ids, kwargs))
+                            **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
         handoff = _take_handoff(self)
         if handoff is not None and handoff.keep_padding is not None:
             if attention_mask is not None:
@@ -198,7 +218,7 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
             if attention_mask is None or not runs_autoflash(self, attention_name):
                 return original(self, input_ids, attention_mask, position_ids, *args,
-                                **hinted(self, attention_mask, position_ids, kwargs))
+                                **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
                 why_keep_padding(self, model_class, attention_mask, kwargs, attention_name)
             if reason is not None:
@@ -210,7 +230,8 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
             plan(attention_mask, position_ids, batch, length, source.device)
         record(WHOLE_MODEL, None)
         return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs,
-                              mask_for_packed_row, packed_output=handoff is not None and handoff.packed_output)
+                              mask_for_packed_row, publish_boundaries,
+                              packed_output=handoff is not None and handoff.packed_output)
 
     forward.__wrapped__ = original
     return forward
@@ -234,17 +255,17 @@ def _set_handoff(value) -> None:
     _thread.handoff = value
 
 
-@torch.compiler.disable
 def _set_boundaries(value) -> None:
     _thread.boundaries = value
 
 
-@torch.compiler.disable
 def _generating() -> bool:
-    return _thread.generating > 0
+    # A traced forward does not ask: in the eras that trace whole, generate() passes its cache in, and
+    # a packed prefill's cache is returned in the padded layout anyway (repad_cache).
+    return not tracing.is_tracing() and _thread.generating > 0
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # see above: a plain torch.compile of a padded batch breaks here, by design
 def _take_handoff(model) -> Optional[Handoff]:
     pending = _thread.handoff
     if pending is None or pending[0] is not model:
@@ -284,7 +305,7 @@ def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
 
 
 def packed_forward(original, module, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs=True,
-                   mask_for_packed_row=True, packed_output=False):
+                   mask_for_packed_row=True, publish_boundaries=False, packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, length, device = source.shape[0], source.shape[1], source.device
@@ -303,12 +324,14 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
         # (gradients decide nothing for a varlen call: the record only says whether they are on)
         row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
         kwargs["autoflash_packed_row"] = row
-    _set_boundaries((packed_positions.shape[1], boundaries, length))
+    if publish_boundaries:  # (never in a traced call: see wrap)
+        _set_boundaries((packed_positions.shape[1], boundaries, length))
     try:
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
     finally:
-        _set_boundaries(None)
+        if publish_boundaries:
+            _set_boundaries(None)
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:
