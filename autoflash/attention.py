@@ -99,8 +99,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
         out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
         return (out if out.dtype == query.dtype else out.to(query.dtype)), None
-    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
-                              traced=tracing.is_tracing(), **kwargs)
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
 
 
 def _same_call(call, query, key, dropout, is_causal, module, kwargs) -> bool:
@@ -115,37 +114,38 @@ def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
-def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced):
+def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
     if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
-        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced)
+        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if attention_mask is not None and attention_mask.dim() > 2:
         return _custom_mask(query, key, value, attention_mask, dropout, scaling)
     return None
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                       traced=False, **kwargs):
-    """Any call but the packed row's. ``traced``: the call as torch.compile and torch.export trace it.
+                       **kwargs):
+    """Any call but the packed row's.
 
-    A traced call is tensor operations and custom ops only: its layout is built without a
-    host sync (``layout.plan_traced``: padding and packed sequences become a mask rather than
-    an unpadded row) and its backend is chosen by dispatch at trace time (``dispatch.pick``), so the compiled program holds neither Python decisions
+    A call traced by torch.compile or torch.export is tensor operations and custom ops only:
+    its layout is built without a host sync (``layout.plan_traced``: padding and packed
+    sequences become a mask rather than an unpadded row) and its backend is chosen by dispatch
+    at trace time (``dispatch.pick``), so the compiled program holds neither Python decisions
     nor thread state, and a decode step can be one CUDA graph.
     """
-    special = _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced)
+    special = _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if special is not None:
         return special
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
-    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs, traced)
+    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     name = dispatch.pick(call, query.device)
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = BY_NAME[name].run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
-def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs, traced=False):
+def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
     """The forward's layout (computed by its first layer) and this call's record for dispatch."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -155,12 +155,13 @@ def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwa
     elif given is not None and given.batch == batch and q_len == kv_len == given.q_len:
         layout = given
     else:
-        plan = plan_traced if traced else plan_for
+        plan = plan_traced if tracing.is_tracing() else plan_for
         layout = plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
                       kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     call = AttentionCall(
-        kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device), dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
+        dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
         q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
         needs_grad=_needs_grad(query, key, value),
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
@@ -202,14 +203,14 @@ def _once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs, traced):
+def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """output_attentions needs the probabilities, which no flash kernel returns: run eager for this call."""
     _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
                      "return no attention weights)")
     if attention_mask is not None and attention_mask.dim() > 2:  # the caller's own 4-D mask, as given
         allowed = attention_mask[:, :, :, :key.shape[2]]
     else:
-        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs, traced)
+        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs)
         allowed = allowed_keys(layout, call, query.device)
     if allowed.dtype == torch.bool:
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)

@@ -36,7 +36,9 @@ _MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_val
                     "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
 
 
-def wrap(original, lm_class, attention_name):
+def wrap(original, lm_class, attention_name, boundaries: unpad_model.Boundaries = unpad_model.Boundaries()):
+    """``boundaries``: as given to ``unpad_model.wrap``; where a traced LlamaModel keeps its padding,
+    so do logits and loss."""
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
@@ -44,8 +46,9 @@ def wrap(original, lm_class, attention_name):
     def forward(self, *args, **kwargs):
         if not unpad_model.runs_autoflash(self, attention_name):
             return original(self, *args, **kwargs)
-        if tracing.is_tracing() and (not tracing.graph_breaks_allowed() or (kwargs.get("labels") is None and not args)):
-            # traced where the graph must not break: logits and loss as transformers computes them
+        if tracing.is_tracing() and (not tracing.graph_breaks_allowed() or (kwargs.get("labels") is None and not args)
+                                     or boundaries.published(getattr(self, "model", None))):
+            # traced where padding stays: logits and loss as transformers computes them
             return original(self, *args, **kwargs)
         if type(self) is not lm_class:  # its own code may depend on the padded layout
             return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "

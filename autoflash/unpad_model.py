@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -167,24 +168,34 @@ def _positions(position_ids, batch, length, device):
 
 # -- the wrapper of LlamaModel.forward ------------------------------------------------------------
 
-def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_for_packed_row=True,
-         publish_boundaries=None):
-    """LlamaModel.forward, with padding removed from the whole stack where ``why_keep_padding`` allows.
+@dataclass(frozen=True)
+class Boundaries:
+    """How an era's model code hands the packed row's boundaries to attention.
 
-    ``boundaries_as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k (and other keyword
-    arguments) to attention. ``publish_boundaries``: attention may not receive them (4.37-4.47
-    never, 4.48-4.5x not under gradient checkpointing), so ``packed_boundaries`` publishes them
-    for the forward; such eras keep the padding in a traced call, which reads no thread state.
+    ``as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k (and other keyword arguments)
+    from LlamaModel.forward to attention; ``lost_under_checkpointing``: 4.48-4.5x drop them
+    under gradient checkpointing. Where they may not arrive, ``packed_boundaries`` publishes
+    them for the forward (thread state), and a traced forward keeps its padding instead.
     ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
     otherwise search its position ids for boundaries, a second host sync) or none (earlier
     releases scan a mask they are given).
     """
-    if publish_boundaries is None:
-        publish_boundaries = not boundaries_as_kwargs
 
+    as_kwargs: bool = True
+    lost_under_checkpointing: bool = False
+    mask_for_packed_row: bool = True
+
+    def published(self, decoder) -> bool:
+        """Whether a packed forward of ``decoder`` must publish its boundaries."""
+        return not self.as_kwargs or (self.lost_under_checkpointing and getattr(decoder, "gradient_checkpointing",
+                                                                                False) and decoder.training)
+
+
+def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundaries()):
+    """LlamaModel.forward, with padding removed from the whole stack where ``why_keep_padding`` allows."""
     def with_layout(module, input_ids, attention_mask, position_ids, kwargs):
         """kwargs, with the padded batch's layout for attention where it is known without a sync."""
-        if not boundaries_as_kwargs or _cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
+        if not boundaries.as_kwargs or _cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
                 or not runs_autoflash(module, attention_name):
             return kwargs
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -200,7 +211,7 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs) or publish_boundaries
+        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs) or boundaries.published(self)
                                      or not tracing.graph_breaks_allowed()):
             # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
             # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
@@ -229,8 +240,7 @@ def wrap(original, model_class, attention_name, boundaries_as_kwargs=True, mask_
         layout = handoff.plan if handoff is not None else \
             plan(attention_mask, position_ids, batch, length, source.device)
         record(WHOLE_MODEL, None)
-        return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs,
-                              mask_for_packed_row, publish_boundaries,
+        return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries,
                               packed_output=handoff is not None and handoff.packed_output)
 
     forward.__wrapped__ = original
@@ -304,19 +314,21 @@ def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
                 max_length_k=layout.max_seqlen)
 
 
-def packed_forward(original, module, input_ids, position_ids, kwargs, layout, boundaries_as_kwargs=True,
-                   mask_for_packed_row=True, publish_boundaries=False, packed_output=False):
+def packed_forward(original, module, input_ids, position_ids, kwargs, layout, how: Boundaries = Boundaries(),
+                   packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, length, device = source.shape[0], source.shape[1], source.device
     boundaries = boundaries_of(layout, batch, length, device)
+    publish = how.published(module)  # (never in a traced call: see wrap)
     packed_positions = pack(_positions(position_ids, batch, length, device), layout)
     # An all-ones mask: without one, transformers would search the packed position ids for
     # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
-    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if mask_for_packed_row else None
+    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if how.mask_for_packed_row \
+        else None
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
-    if boundaries_as_kwargs:
+    if how.as_kwargs:
         kwargs.update(boundaries)
         total = packed_positions.shape[1]
         row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
@@ -324,13 +336,13 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, bo
         # (gradients decide nothing for a varlen call: the record only says whether they are on)
         row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
         kwargs["autoflash_packed_row"] = row
-    if publish_boundaries:  # (never in a traced call: see wrap)
+    if publish:
         _set_boundaries((packed_positions.shape[1], boundaries, length))
     try:
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
     finally:
-        if publish_boundaries:
+        if publish:
             _set_boundaries(None)
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)

@@ -145,7 +145,7 @@ def apply(module) -> Patch:
             patch.set_attribute(module, "_flash_attention_forward", _module_level)
         else:
             patch.set_attribute(attention_class, "_flash_attention_forward", _method)
-        remove_padding_for_whole_model(patch, module, "flash_attention_2", boundaries_as_kwargs=False,
+        remove_padding_for_whole_model(patch, module, "flash_attention_2", as_kwargs=False,
                                        mask_for_packed_row=False)
         rotary = getattr(module, "LlamaRotaryEmbedding", None)
         if rotary is not None and "seq_len" in inspect.signature(rotary.forward).parameters:

@@ -96,8 +96,8 @@ def apply(module) -> Patch:
         patch.set_attribute(module.LlamaAttention, "forward", forward)
         # no all-ones mask for the packed row: this era's model code would scan it (a host sync)
         # and finds no packed sequences by itself anyway
-        # these releases drop cu_seq_lens under gradient checkpointing: the boundaries are published too
-        remove_padding_for_whole_model(patch, module, ROUTED_NAME, mask_for_packed_row=False, publish_boundaries=True)
+        remove_padding_for_whole_model(patch, module, ROUTED_NAME, mask_for_packed_row=False,
+                                       lost_under_checkpointing=True)
     except BaseException:
         patch.undo()
         raise

@@ -13,10 +13,12 @@ from autoflash.patches.base import Patch
 
 
 def remove_padding_for_whole_model(patch: Patch, module, attention_name: str, **how) -> None:
+    """``how``: what the era's model code passes to attention (``unpad_model.Boundaries``)."""
+    boundaries = unpad_model.Boundaries(**how)
     patch.set_attribute(module.LlamaModel, "forward",
-                        unpad_model.wrap(module.LlamaModel.forward, module.LlamaModel, attention_name, **how))
+                        unpad_model.wrap(module.LlamaModel.forward, module.LlamaModel, attention_name, boundaries))
     lm = getattr(module, "LlamaForCausalLM", None)
     if lm is None:
         return
-    patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, attention_name))
+    patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, attention_name, boundaries))
     patch.set_attribute(lm, "generate", unpad_model.wrap_generate(lm.generate))
