@@ -138,35 +138,57 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         return special
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
-    layout, call = _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
-    name = dispatch.pick(call, query.device)
+    layout = _layout_of(query, key, attention_mask, kwargs)
+    call, name = _decided(layout, module, query, key, value, dropout, is_causal)
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = BY_NAME[name].run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
-def _describe(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-    """The forward's layout (computed by its first layer) and this call's record for dispatch."""
-    batch, num_heads, q_len, head_dim = query.shape
-    num_kv_heads, kv_len = key.shape[1], key.shape[2]
+def _layout_of(query, key, attention_mask, kwargs):
+    """The forward's layout: handed down by the model, or computed by its first layer (``plan_for``)."""
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
     packed, given = kwargs.get("autoflash_packed_row"), kwargs.get(FORWARD_LAYOUT)
     if packed is not None and batch == 1 and q_len == kv_len == packed.layout.q_len:
-        layout = packed.layout
-    elif given is not None and given.batch == batch and q_len == kv_len == given.q_len:
-        layout = given
-    else:
-        plan = plan_traced if tracing.is_tracing() else plan_for
-        layout = plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
-                      kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    call = AttentionCall(
+        return packed.layout
+    if given is not None and given.batch == batch and q_len == kv_len == given.q_len:
+        return given
+    plan = plan_traced if tracing.is_tracing() else plan_for
+    return plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
+                kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
+
+
+def _decided(layout, module, query, key, value, dropout, is_causal):
+    """This call's record and the backend that serves it.
+
+    Every layer of a forward makes the same call: the first one's decision is kept on the
+    forward's layout and the others reuse it, which spares a host-bound decode step the
+    record, capability lookup and dispatch per layer. (A traced call's decision is taken
+    once at trace time, where host cost does not matter.)
+    """
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    needs_grad = _needs_grad(query, key, value)
+    if tracing.is_tracing():
+        call = _call_record(layout, query, key, dropout, causal, needs_grad)
+        return call, dispatch.pick(call, query.device)
+    memo = ("decision", query.shape, key.shape, query.dtype, query.device, float(dropout), causal, needs_grad,
+            dispatch.routing())
+    decided = layout.derived.get(memo)
+    if decided is None:
+        call = _call_record(layout, query, key, dropout, causal, needs_grad)
+        decided = layout.derived[memo] = (call, dispatch.pick(call, query.device))
+    return decided
+
+
+def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool) -> AttentionCall:
+    batch, num_heads, q_len, head_dim = query.shape
+    return AttentionCall(
         kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
-        dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        q_len=q_len, kv_len=kv_len, dropout=float(dropout), causal=bool(causal),
-        needs_grad=_needs_grad(query, key, value),
+        dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
+        q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
     )
-    return layout, call
 
 
 def _to_kernel_dtype(query, key, value):
@@ -210,7 +232,8 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
     if attention_mask is not None and attention_mask.dim() > 2:  # the caller's own 4-D mask, as given
         allowed = attention_mask[:, :, :, :key.shape[2]]
     else:
-        layout, call = _describe(module, query, key, value, attention_mask, dropout, None, kwargs)
+        layout = _layout_of(query, key, attention_mask, kwargs)
+        call, _ = _decided(layout, module, query, key, value, dropout, None)
         allowed = allowed_keys(layout, call, query.device)
     if allowed.dtype == torch.bool:
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)

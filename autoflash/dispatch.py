@@ -34,6 +34,7 @@ class BackendUnavailable(RuntimeError):
 
 
 _override = threading.local()
+_generation = [0]  # bumped whenever what decides a call changes (forced, clear_cache)
 
 
 @contextlib.contextmanager
@@ -43,10 +44,17 @@ def forced(name: str):
         raise ValueError(f"unknown backend {name!r} (known: {', '.join(backends.BY_NAME)})")
     previous = getattr(_override, "name", None)
     _override.name = None if name == "auto" else name
+    _generation[0] += 1
     try:
         yield
     finally:
         _override.name = previous
+        _generation[0] += 1
+
+
+def routing() -> tuple:
+    """What, besides the call itself, decides its backend: callers keeping a decision key it on this."""
+    return _generation[0], getattr(_override, "name", None), settings().backend
 
 
 def _candidates():
@@ -152,6 +160,7 @@ def describe_choice(call: AttentionCall) -> Dict[str, object]:
 
 
 def clear_cache() -> None:
+    _generation[0] += 1
     _choose.cache_clear()
     _warned.clear()
     last_decisions.clear()

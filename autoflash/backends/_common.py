@@ -74,6 +74,16 @@ def _allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     return (allowed | empty).unsqueeze(1)
 
 
+def decode_key_mask(layout: Layout) -> torch.Tensor | None:
+    """(batch, 1, 1, kv_len) bool for a one-token decode step's SDPA call, or None: one view per forward."""
+    if layout.key_mask is None:
+        return None
+    mask = layout.derived.get("decode_key_mask")
+    if mask is None:
+        mask = layout.derived["decode_key_mask"] = layout.key_mask[:, None, None, :]
+    return mask
+
+
 def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
     """(batch, q_len) bool, or None where every query is a real token. Built once per forward."""
     key = ("real", call.q_len, str(device))

@@ -12,7 +12,7 @@ from typing import List
 
 import torch.nn.functional as F
 
-from autoflash.backends._common import (allowed_keys, fold_gqa_queries, repeat_kv, unfold_gqa_output,
+from autoflash.backends._common import (allowed_keys, decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output,
                                         zero_padded_queries)
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout
@@ -33,7 +33,7 @@ class _Sdpa:
         if layout.kind == "dense":
             return _sdpa(q, k, v, None, call, scale, is_causal=call.causal).transpose(1, 2)
         if layout.kind == "cache" and call.q_len == 1:
-            mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :]
+            mask = decode_key_mask(layout)
             out = F.scaled_dot_product_attention(fold_gqa_queries(q, call.num_kv_heads), k, v, attn_mask=mask,
                                                  scale=scale)
             return unfold_gqa_output(out, call.num_heads)

@@ -24,10 +24,61 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from autoflash.backends._common import (flash_hardware_reasons, fold_gqa_queries, repeat_kv,
+from autoflash import tracing
+from autoflash.backends._common import (decode_key_mask, flash_hardware_reasons, fold_gqa_queries, repeat_kv,
                                         traced_padding_reason, unfold_gqa_output)
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
+
+
+class _OnlyKernels:
+    """``torch.nn.attention.sdpa_kernel(kernels)`` for calls outside a trace, at a tenth of its host cost.
+
+    ``sdpa_kernel`` is a generator context that looks up and restores every backend flag by
+    name: about 27 us per call on a CPU core, as much as the rest of a decode step's attention
+    function, paid on every layer of every step of a host-bound decode. This sets the same
+    process-wide flags through torch's own setters and restores them on exit. Traced calls
+    use ``sdpa_kernel`` itself, which torch.compile understands.
+    """
+
+    __slots__ = ("wanted", "previous")
+
+    def __init__(self, wanted):
+        self.wanted = wanted
+
+    def __enter__(self):
+        self.previous = tuple(get() for get, _ in _FLAGS)
+        for (_, set_flag), on in zip(_FLAGS, self.wanted):
+            set_flag(on)
+
+    def __exit__(self, *exc):
+        for (_, set_flag), on in zip(_FLAGS, self.previous):
+            set_flag(on)
+        return False
+
+
+def _flag_accessors():
+    """((getter, setter) per SDPA backend, in ``torch.nn.attention``'s order; its names), or None."""
+    try:
+        from torch.nn.attention import _backend_names
+        accessors = tuple((getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
+                          for name in _backend_names)
+        return accessors, tuple(_backend_names.values())
+    except Exception:  # noqa: BLE001 - another torch: sdpa_kernel itself is used
+        return None
+
+
+_ACCESSORS = _flag_accessors()
+_FLAGS = _ACCESSORS[0] if _ACCESSORS else ()
+
+
+def only_kernels(*kernels: str):
+    """A context in which SDPA may use only ``kernels`` (``SDPBackend`` member names)."""
+    if _ACCESSORS is None or tracing.is_tracing():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, k) for k in kernels])
+    return _OnlyKernels(tuple(name in kernels for name in _ACCESSORS[1]))
 
 
 class _TorchBuiltin:
@@ -73,10 +124,8 @@ class _TorchBuiltin:
         return reasons
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         if layout.kind == "dense":
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            with only_kernels("FLASH_ATTENTION"):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=call.dropout, is_causal=call.causal,
                                                      scale=scale, enable_gqa=call.gqa_ratio > 1)
             return out.transpose(1, 2)
@@ -90,10 +139,9 @@ class _TorchBuiltin:
                                    layout, call, scale, cu_k=layout.cu_seqlens_k, max_k=layout.max_seqlen_k)
             return pad(out, layout)
         q_folded = fold_gqa_queries(q, call.num_kv_heads)
-        mask = None if layout.key_mask is None else layout.key_mask[:, None, None, :]
-        backends = [SDPBackend.EFFICIENT_ATTENTION] if mask is not None else [SDPBackend.FLASH_ATTENTION,
-                                                                               SDPBackend.EFFICIENT_ATTENTION]
-        with sdpa_kernel(backends):
+        mask = decode_key_mask(layout)
+        kernels = ("EFFICIENT_ATTENTION",) if mask is not None else ("FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+        with only_kernels(*kernels):
             out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, scale=scale)
         return unfold_gqa_output(out, call.num_heads)
 
