@@ -41,7 +41,7 @@ TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py
 def tests(session, transformers):
     session.install(TORCH, *RELEASES[transformers])
     session.install("--no-deps", "-e", ".")
-    session.install("pytest", "wrapt")
+    session.install("pytest", "hypothesis", "wrapt")
     session.run("python", "-c", "import transformers, torch; print('transformers', transformers.__version__, "
                 "'torch', torch.__version__)")
     session.run("python", "-m", "pytest", "-q", *TESTS)

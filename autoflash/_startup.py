@@ -15,6 +15,7 @@ import sys
 
 DISABLE_VARIABLE = "AUTOFLASH_DISABLE"
 _TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
 _TRIGGER_MODULE = "transformers"
 
 
@@ -36,6 +37,7 @@ class _ArmOnTransformersImport:
 
 
 _trigger = _ArmOnTransformersImport()
+arm_error = None  # why the import hook could not be registered, for doctor and status()
 
 
 def _remove_trigger():
@@ -46,11 +48,13 @@ def _remove_trigger():
 
 
 def _arm():
+    global arm_error
     try:
         from autoflash import hooks
 
         hooks.register_import_hooks()
     except BaseException as exc:  # noqa: BLE001 - this runs inside the user's import statement
+        arm_error = f"the import hook could not be registered ({type(exc).__name__}: {exc})"
         _warn_once(f"autoflash could not register its import hook ({type(exc).__name__}: {exc}); "
                    "transformers runs unpatched. Run `autoflash doctor` to see why, "
                    f"or set {DISABLE_VARIABLE}=1 to silence this.")

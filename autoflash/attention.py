@@ -116,11 +116,18 @@ def _needs_grad(query, key, value) -> bool:
 
 def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
-    if kwargs.get("output_attentions") or getattr(getattr(module, "config", None), "output_attentions", False):
+    if kwargs.get("output_attentions") or _config_asks_for_weights(module):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if attention_mask is not None and attention_mask.dim() > 2:
         return _custom_mask(query, key, value, attention_mask, dropout, scaling)
     return None
+
+
+def _config_asks_for_weights(module) -> bool:
+    # read from the config's own attributes: transformers' attribute lookup on configs costs ~4 us,
+    # paid by every layer of every decode step (5.x keeps the flag as ``_output_attentions``)
+    attributes = getattr(getattr(module, "config", None), "__dict__", {})
+    return bool(attributes.get("output_attentions", attributes.get("_output_attentions", False)))
 
 
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -138,7 +145,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         return special
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
-    layout = _layout_of(query, key, attention_mask, kwargs)
+    layout = None if query.numel() == 0 else _layout_of(query, key, attention_mask, kwargs)
+    if layout is None or (layout.kind == "varlen" and layout.total == 0):
+        # an empty batch, or every position padding: nothing for a kernel to do (flash kernels refuse
+        # empty inputs); padded positions hold zeros
+        batch, num_heads, q_len, head_dim = query.shape
+        return query.new_zeros(batch, q_len, num_heads, head_dim, dtype=in_dtype), None
     call, name = _decided(layout, module, query, key, value, dropout, is_causal)
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = BY_NAME[name].run(query, key, value, layout, call, scale)

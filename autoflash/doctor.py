@@ -75,17 +75,35 @@ def _example_calls(gpu):
     return {"training (padded batch, LLaMA-3-8B heads)": training, "decode (left-padded kv cache)": decode}
 
 
+def _hook_problem() -> Optional[str]:
+    """Why the import hook is not (or could not be) registered in this process, with what to do; else None."""
+    from autoflash import hooks
+
+    if hooks.state()["hooks_registered"]:
+        return None
+    problem = _startup.arm_error
+    if problem is None:
+        try:  # not armed yet (transformers not imported): would it arm?
+            import wrapt  # noqa: F401
+        except BaseException as exc:  # noqa: BLE001
+            problem = f"wrapt is not importable ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return None
+    return f"{problem}; nothing is patched. autoflash needs wrapt: pip install wrapt"
+
+
 def status() -> dict:
     from autoflash import hooks
 
     gpu, torch_problem = _torch_facts()
+    hook_problem = _hook_problem()
     result = {
         "autoflash": _version("autoflash"),
-        "active": not settings().disabled and not hooks.state()["user_disabled"]
+        "active": not settings().disabled and not hooks.state()["user_disabled"] and hook_problem is None
         and (bool(hooks.patched_modules()) or hooks.state()["hooks_registered"] or _startup._trigger in sys.meta_path),
         "disabled_by_env": settings().disabled,
         "patched": hooks.patched_modules(),
-        "last_error": hooks.state()["last_error"],
+        "last_error": hooks.state()["last_error"] or hook_problem,
         "settings": settings().as_dict(),
         "startup": startup_files(),
         "versions": {"python": sys.version.split()[0], "torch": _version("torch"),
@@ -124,7 +142,7 @@ def report(data: dict) -> str:
     else:
         lines.append(f"  active in this process: {'yes' if data['active'] else 'no'}"
                      + (f"; patched: {', '.join(data['patched'])}" if data["patched"] else
-                        " (patches when transformers' LLaMA module is imported)"))
+                        " (patches when transformers' LLaMA module is imported)" if data["active"] else ""))
     if data["last_error"]:
         lines.append(f"  last problem: {data['last_error']}")
     start = data["startup"]

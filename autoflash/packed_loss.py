@@ -72,6 +72,9 @@ def wrap(original, lm_class, attention_name, boundaries: unpad_model.Boundaries 
 
 def _forward_with_labels(original, module, lm_class, attention_name, args, kwargs, call):
     mask, labels = call.get("attention_mask"), call["labels"]
+    source = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+    if source is not None and mask is not None:
+        unpad_model.check_mask_shape(source, mask, call)
     reason = unpad_model.why_keep_padding(module, lm_class, mask, call, attention_name)
     keep = call.get("logits_to_keep", call.get("num_logits_to_keep"))
     if reason is None and not (keep is None or (isinstance(keep, int) and keep == 0)):
@@ -97,6 +100,11 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
     if layout.extra_check:
         return _keeping_padding(module, "a label predicted from a padding position is not -100 (set it to -100 "
                                         "to keep the saving)", original, args, kwargs)
+    if layout.kind == "varlen" and layout.total == 0:
+        return _keeping_padding(module, "no real token in the batch (every position is padding)", original, args,
+                                kwargs)
+    tuple_wanted = unpad_model.wants_tuple(module, call)
+    model_kwargs["return_dict"] = True
 
     out = unpad_model.run_with_handoff(module.model, unpad_model.Handoff(plan=layout, packed_output=True),
                                        module.model, **model_kwargs)
@@ -104,7 +112,8 @@ def _forward_with_labels(original, module, lm_class, attention_name, args, kwarg
     logits = module.lm_head(hidden)
     loss = _loss(module, logits, pack(shift_labels, layout), call)
     lm_head = module.lm_head
-    return _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
+    output = _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
+    return output.to_tuple() if tuple_wanted else output
 
 
 def _compiled_on_its_own(decoder) -> bool:

@@ -145,10 +145,38 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
-    return_dict = kwargs.get("return_dict")
-    if return_dict is False or (return_dict is None and not getattr(module.config, "use_return_dict", True)):
-        return "return_dict=False (a tuple is asked for)"
     return None
+
+
+def wants_tuple(module, kwargs) -> bool:
+    """Whether the caller asked for a tuple (``return_dict=False``, by argument or by the config)."""
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        config = module.config
+        return not getattr(config, "return_dict", True) or bool(getattr(config, "torchscript", False))
+    return not return_dict
+
+
+def check_mask_shape(source, attention_mask, kwargs) -> None:
+    """A 2-D mask of a forward without a cache has one column per input position: say so in the
+    user's terms rather than fail inside attention with an internal reshape error."""
+    if _cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return
+    given = "input_ids" if kwargs.get("inputs_embeds") is None else "inputs_embeds"
+    if tuple(attention_mask.shape) != tuple(source.shape[:2]):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but {given} has "
+                         f"{tuple(source.shape[:2])} (batch, length): a 2-D attention mask needs one row per sequence "
+                         "and one column per input position (autoflash)")
+
+
+def zero_padded_positions(out, attention_mask):
+    """The per-layer path's hidden states with zeros on padding, as the whole-model path returns them:
+    padded positions hold zeros on every path (their values are not defined by any implementation)."""
+    real = attention_mask.to(device=out["last_hidden_state"].device, dtype=torch.bool)[:, :, None]
+    out["last_hidden_state"] = out["last_hidden_state"].masked_fill(~real, 0)
+    if out.get("hidden_states") is not None:
+        out["hidden_states"] = tuple(None if h is None else h.masked_fill(~real, 0) for h in out["hidden_states"])
+    return out
 
 
 def plan(attention_mask, position_ids, batch, length, device, extra_check=None) -> Layout:
@@ -221,30 +249,49 @@ def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundar
             return original(self, input_ids, attention_mask, position_ids, *args,
                             **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
         handoff = _take_handoff(self)
+        source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if attention_mask is not None and source is not None and runs_autoflash(self, attention_name):
+            check_mask_shape(source, attention_mask, kwargs)
         if handoff is not None and handoff.keep_padding is not None:
             if attention_mask is not None:
                 record(PER_LAYER, handoff.keep_padding)
-            return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
+            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         if handoff is None:
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
-            if attention_mask is None or not runs_autoflash(self, attention_name):
+            if attention_mask is None or not runs_autoflash(self, attention_name) or source is None \
+                    or source.shape[0] == 0 or source.shape[1] == 0:  # (an empty batch: transformers' own answer)
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
                 why_keep_padding(self, model_class, attention_mask, kwargs, attention_name)
             if reason is not None:
                 record(PER_LAYER, reason)
-                return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)
-        source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+                return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         batch, length = source.shape[:2]
         layout = handoff.plan if handoff is not None else \
             plan(attention_mask, position_ids, batch, length, source.device)
+        if layout.kind == "varlen" and layout.total == 0:
+            record(PER_LAYER, "no real token in the batch (every position is padding)")
+            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         record(WHOLE_MODEL, None)
-        return packed_forward(original, self, input_ids, position_ids, kwargs, layout, boundaries,
-                              packed_output=handoff is not None and handoff.packed_output)
+        tuple_wanted = wants_tuple(self, kwargs)
+        out = packed_forward(original, self, input_ids, position_ids, {**kwargs, "return_dict": True}, layout,
+                             boundaries, packed_output=handoff is not None and handoff.packed_output)
+        return out.to_tuple() if tuple_wanted else out
 
     forward.__wrapped__ = original
     return forward
+
+
+def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs):
+    """transformers' forward on the padded batch (padding removed inside attention only), its padded
+    positions zeroed as on the whole-model path."""
+    if args or _cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return original(module, input_ids, attention_mask, position_ids, *args, **kwargs)
+    tuple_wanted = wants_tuple(module, kwargs)
+    out = zero_padded_positions(original(module, input_ids, attention_mask, position_ids,
+                                         **{**kwargs, "return_dict": True}), attention_mask)
+    return out.to_tuple() if tuple_wanted else out
 
 
 def run_with_handoff(model, handoff: Handoff, function, *args, **kwargs):
@@ -346,8 +393,8 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, ho
             _set_boundaries(None)
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
-    if out.get("hidden_states") is not None:
-        out["hidden_states"] = tuple(scatter(h, layout) for h in out["hidden_states"])
+    if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)
+        out["hidden_states"] = tuple(None if h is None else scatter(h, layout) for h in out["hidden_states"])
     for name in [k for k in out.keys() if k in ("past_key_values", "cache")]:  # renamed in 5.2x
         out[name] = repad_cache(out[name], layout)
     return out

@@ -102,6 +102,8 @@ def test_disable_restores_every_original_object_and_enable_patches_again(llama):
         assert (llama.LlamaPreTrainedModel._check_and_adjust_attn_implementation
                 is PreTrainedModel._check_and_adjust_attn_implementation)
         assert _attn(LlamaForCausalLM(tiny_config())) == "sdpa"
+        assert not any(name in c.__dict__ for c in llama.LlamaConfig.__mro__
+                       for name in ("__getstate__", "__copy__", "__deepcopy__") if c is not object)
         assert autoflash.status()["active"] is False
     finally:
         assert autoflash.enable()
@@ -111,9 +113,11 @@ def test_disable_restores_every_original_object_and_enable_patches_again(llama):
 @modern_only
 def test_patch_records_what_it_replaced(llama):
     patch = hooks._applied[llama.__name__]
+    config_base = next(c.__name__ for c in llama.LlamaConfig.__mro__ if c.__name__.lower() == "pretrainedconfig")
     assert [where for where, _ in patch.replaced] == [
         f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
-        "LlamaModel.forward", "LlamaForCausalLM.forward", "LlamaForCausalLM.generate"]
+        "LlamaModel.forward", "LlamaForCausalLM.forward", "LlamaForCausalLM.generate",
+        f"{config_base}.__getstate__", f"{config_base}.__copy__", f"{config_base}.__deepcopy__"]
 
 
 @routed_only

@@ -1,8 +1,11 @@
 """The .pth line runs in every Python process: cheap, silent, never raising, off when disabled."""
 
 import sys
+from pathlib import Path
 
 import pytest
+
+import autoflash
 
 from _subprocess import autoflash_lines, run_python
 
@@ -59,6 +62,61 @@ def test_start_up_survives_a_broken_wrapt(tmp_path):
     assert result.stdout.strip() == "[]"
     lines = autoflash_lines(result.stderr)
     assert len(lines) == 1 and "could not register its import hook" in lines[0] and "simulated" in lines[0]
+
+
+@pytest.mark.parametrize("transformers_imported", [True, False])
+def test_doctor_tells_the_truth_when_wrapt_is_missing(tmp_path, transformers_imported):
+    """The start-up warning sends the user to doctor; doctor must then say it is not active, and why."""
+    env = _fake_package(tmp_path, "wrapt")
+    result = run_python(f"""
+        {'import ' + LLAMA if transformers_imported else ''}
+        import autoflash
+        from autoflash import doctor
+        data = autoflash.status()
+        print(data["active"])
+        print(data["last_error"])
+        print(doctor.report(data))
+    """, env=env)
+    active, error, *report = result.stdout.splitlines()
+    assert active == "False"
+    assert "wrapt" in error and "simulated" in error and "pip install wrapt" in error
+    assert "  active in this process: no" in report and any("last problem:" in line for line in report)
+
+
+def _left_behind_pth(tmp_path):
+    site_dir = tmp_path / "site-packages"
+    site_dir.mkdir()
+    (site_dir / "autoflash.pth").write_text(Path(autoflash.__file__).parents[1].joinpath("autoflash.pth").read_text())
+    return site_dir
+
+
+def test_a_pth_left_behind_by_a_removed_package_is_silent(tmp_path):
+    """A partial uninstall leaves autoflash.pth but no package: every process must start as if it were absent."""
+    site_dir = _left_behind_pth(tmp_path)
+    code = f"import site; site.addsitedir({str(site_dir)!r}); import json; print('started')"
+    result = run_python(code, args=("-S",), cwd=tmp_path)  # -S: no other site-packages, so no autoflash
+    assert run_python("import importlib.util; print(importlib.util.find_spec('autoflash'))", args=("-S",),
+                      cwd=tmp_path).stdout.strip() == "None"
+    assert (result.stdout.strip(), result.stderr) == ("started", "")
+
+
+def test_a_pth_next_to_a_broken_package_is_silent(tmp_path):
+    """An editable checkout moved away or a half-written package: importing it fails, start-up must not."""
+    site_dir = _left_behind_pth(tmp_path)
+    (site_dir / "autoflash").mkdir()
+    (site_dir / "autoflash" / "__init__.py").write_text("raise RuntimeError('simulated broken package')\n")
+    code = f"import site; site.addsitedir({str(site_dir)!r}); print('started')"
+    result = run_python(code, args=("-S",), cwd=tmp_path)
+    assert (result.stdout.strip(), result.stderr) == ("started", "")
+
+
+@pytest.mark.parametrize("value", ["garbage", "2"])
+def test_a_bad_disable_value_is_named_once_with_the_accepted_values(value):
+    result = run_python(PATCHED, env={"AUTOFLASH_DISABLE": value})
+    assert result.stdout.strip() == f"['{LLAMA}']"  # not disabled, as said
+    lines = autoflash_lines(result.stderr) or [line for line in result.stderr.splitlines() if "AUTOFLASH" in line]
+    assert len(lines) == 1, result.stderr
+    assert f"AUTOFLASH_DISABLE={value!r}" in lines[0] and "1|true|yes|on" in lines[0] and "0|false|no|off" in lines[0]
 
 
 def test_start_up_survives_torch_not_importable(tmp_path):

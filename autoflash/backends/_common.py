@@ -74,13 +74,22 @@ def _allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     return (allowed | empty).unsqueeze(1)
 
 
-def decode_key_mask(layout: Layout) -> torch.Tensor | None:
-    """(batch, 1, 1, kv_len) bool for a one-token decode step's SDPA call, or None: one view per forward."""
+def decode_key_mask(layout: Layout, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, 1, 1, kv_len) additive mask in ``dtype`` for a one-token decode step's SDPA call, or None.
+
+    Built once per forward, as SDPA's memory-efficient kernel wants it: given a boolean mask, SDPA
+    would convert it, and pad it to an aligned width, in every layer (two more kernels per layer
+    of a host-bound decode step). The storage is allocated at a width rounded up to 16.
+    """
     if layout.key_mask is None:
         return None
-    mask = layout.derived.get("decode_key_mask")
+    key = ("decode_key_mask", dtype)
+    mask = layout.derived.get(key)
     if mask is None:
-        mask = layout.derived["decode_key_mask"] = layout.key_mask[:, None, None, :]
+        batch, kv_len = layout.key_mask.shape
+        aligned = torch.zeros(batch, 1, 1, -(-kv_len // 16) * 16, dtype=dtype, device=layout.key_mask.device)
+        mask = layout.derived[key] = aligned[..., :kv_len]
+        mask.masked_fill_(~layout.key_mask[:, None, None, :], torch.finfo(dtype).min)
     return mask
 
 

@@ -33,7 +33,7 @@ class _Sdpa:
         if layout.kind == "dense":
             return _sdpa(q, k, v, None, call, scale, is_causal=call.causal).transpose(1, 2)
         if layout.kind == "cache" and call.q_len == 1:
-            mask = decode_key_mask(layout)
+            mask = decode_key_mask(layout, q.dtype)
             out = F.scaled_dot_product_attention(fold_gqa_queries(q, call.num_kv_heads), k, v, attn_mask=mask,
                                                  scale=scale)
             return unfold_gqa_output(out, call.num_heads)

@@ -139,7 +139,7 @@ class _TorchBuiltin:
                                    layout, call, scale, cu_k=layout.cu_seqlens_k, max_k=layout.max_seqlen_k)
             return pad(out, layout)
         q_folded = fold_gqa_queries(q, call.num_kv_heads)
-        mask = decode_key_mask(layout)
+        mask = decode_key_mask(layout, q.dtype)
         kernels = ("EFFICIENT_ATTENTION",) if mask is not None else ("FLASH_ATTENTION", "EFFICIENT_ATTENTION")
         with only_kernels(*kernels):
             out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, scale=scale)

@@ -20,6 +20,7 @@ What it relies on in transformers:
 
 from __future__ import annotations
 
+import copy
 from typing import List
 
 from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
@@ -66,7 +67,39 @@ def apply(module) -> Patch:
         _check_and_adjust_attn_implementation.__wrapped__ = original
         patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
         remove_padding_for_whole_model(patch, module, ATTENTION_NAME)
+        _keep_pickles_portable(patch, module)
     except BaseException:
         patch.undo()
         raise
     return patch
+
+
+def _keep_pickles_portable(patch: Patch, module) -> None:
+    """A config pickled here (``torch.save(model)``, a process pool) names transformers' own ``sdpa``, not
+    ``autoattn``: the process that loads it may not run autoflash, and there ``autoattn`` is a KeyError
+    on the first forward. Copies made in this process (``copy.copy``, ``copy.deepcopy``, which transformers
+    makes of configs) keep the name."""
+    base = next((c for c in type.mro(module.LlamaConfig) if c.__name__ in ("PreTrainedConfig", "PretrainedConfig")),
+                None)
+    if base is None or any(name in base.__dict__ for name in ("__getstate__", "__copy__", "__deepcopy__")):
+        return  # a release that pickles or copies configs its own way: left alone
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if state.get("_attn_implementation_internal") == ATTENTION_NAME:
+            state["_attn_implementation_internal"] = "sdpa"
+        return state
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    for function in (__getstate__, __copy__, __deepcopy__):
+        patch.set_attribute(base, function.__name__, function)
