@@ -257,9 +257,10 @@ def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundar
                 record(PER_LAYER, handoff.keep_padding)
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         if handoff is None:
+            if source is not None and source.shape[1] * source.shape[0] == 0 and runs_autoflash(self, attention_name):
+                return empty_batch(original, self, input_ids, attention_mask, position_ids, args, kwargs, source)
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
-            if attention_mask is None or not runs_autoflash(self, attention_name) or source is None \
-                    or source.shape[0] == 0 or source.shape[1] == 0:  # (an empty batch: transformers' own answer)
+            if attention_mask is None or not runs_autoflash(self, attention_name) or source is None:
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
@@ -281,6 +282,18 @@ def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundar
 
     forward.__wrapped__ = original
     return forward
+
+
+def empty_batch(original, module, input_ids, attention_mask, position_ids, args, kwargs, source):
+    """A batch with no rows or no positions: transformers' own answer where it has one, else an error that
+    says what was passed (transformers fails inside its attention or mask code there, in most releases)."""
+    given = "input_ids" if input_ids is not None else "inputs_embeds"
+    try:
+        return original(module, input_ids, attention_mask, position_ids, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what the caller passed
+        raise ValueError(f"{given} has shape {tuple(source.shape)}: a batch with no "
+                         f"{'rows' if source.shape[0] == 0 else 'positions'}, which transformers' LLaMA forward "
+                         f"cannot run ({type(exc).__name__}: {exc})") from exc
 
 
 def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs):
