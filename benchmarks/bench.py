@@ -25,7 +25,8 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
     (``w1 --profile``: the CUDA kernel time of one step by kind, autoflash against fa2 padding-free)
     w2         decode: 128 greedy tokens at batch 16 (left-padded prompts U(64, 1024)) and batch 1 (700
                tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
-               CUDA graphs) and by the user's torch.compile(mode="reduce-overhead")
+               CUDA graphs) and by the user's torch.compile(mode="reduce-overhead"); uncompiled modes time
+               the competitors interleaved, round after round (the host drifts)
     w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence
     w4         longest single sequence (powers of two) that trains one step
 
@@ -347,14 +348,45 @@ def run_decoding(s):
     for batch in batches:
         lengths, ids, mask = decode_prompts(s, batch)
         for mode in modes:
-            for competitor in COMPETITORS:
-                why = available(competitor)
-                if why:
-                    rows.append(dict(competitor=competitor, cache=mode, batch=batch, skipped=why))
-                    continue
+            runnable = [c for c in COMPETITORS if not available(c)]
+            rows += [dict(competitor=c, cache=mode, batch=batch, skipped=available(c))
+                     for c in COMPETITORS if available(c)]
+            if mode in UNCOMPILED_MODES:
+                rows += _interleaved_decode_rows(model, s, runnable, mode, batch, ids, mask, new)
+                continue
+            for competitor in runnable:
                 rows.append(_decode_row(model, s, competitor, mode, batch, ids, mask, new))
                 reset_memory(s["device"])
     return dict(prompt_lengths=lengths, new_tokens=new, modes=DECODE_MODES, rows=rows)
+
+
+UNCOMPILED_MODES = ("dynamic", "static")
+
+
+def _interleaved_decode_rows(model, s, competitors, mode, batch, ids, mask, new):
+    """Uncompiled decoding is bound by the host, whose speed drifts by tens of percent within minutes
+    on a shared machine (docs/findings.md): every competitor is timed once per round, rounds
+    interleaved, and the median taken, so that drift hits all of them alike."""
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if mode == "static":
+        settings.update(cache_implementation="static", disable_compile=True)
+    rounds = 2 if s["device"] == "cpu" else 5
+    first, times, backend = {}, {c: [] for c in competitors}, {}
+
+    def run(competitor):
+        with competing_as(model, competitor), torch.no_grad():
+            elapsed = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), s["device"])
+            backend[competitor] = _backend_used()
+            return elapsed
+
+    for competitor in competitors:
+        first[competitor] = run(competitor)
+    for _ in range(rounds):
+        for competitor in competitors:
+            times[competitor].append(run(competitor))
+    reset_memory(s["device"])
+    return [dict(competitor=c, cache=mode, batch=batch, tokens_per_s=batch * new / statistics.median(times[c]),
+                 first_call_s=first[c], backend=backend[c], rounds=rounds) for c in competitors]
 
 
 def _decode_row(model, s, competitor, mode, batch, ids, mask, new):
