@@ -114,8 +114,32 @@ def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
+def _refuse_what_is_not_applied(module, key, attention_mask, kwargs) -> None:
+    """A model outside the LLaMA family may ask its attention for more than causal softmax attention
+    (``autoattn`` is registered for every model, and any model may be loaded with it). autoflash
+    applies none of it: served silently, the answer would be wrong (Mistral with a 4-token window
+    differed from eager by 0.43), so the call is refused, saying what to do."""
+    reasons = []
+    window = kwargs.get("sliding_window")
+    # a window no key is outside of changes nothing (every query sees at most kv_len - 1 keys back);
+    # a 4-D mask built by transformers carries the window itself
+    if window is not None and key.shape[2] > window and not (attention_mask is not None and attention_mask.dim() > 2):
+        reasons.append(f"a sliding window of {window} over {key.shape[2]} keys")
+    if kwargs.get("softcap"):
+        reasons.append(f"attention logit softcapping ({kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        reasons.append("attention sinks")
+    if reasons:
+        raise dispatch.BackendUnavailable(
+            f"autoflash cannot serve {type(module).__name__}: its attention asks for {' and '.join(reasons)}, "
+            "which autoflash does not apply (the answer would be wrong). Load this model with "
+            "attn_implementation='sdpa' or 'eager' (autoflash patches LLaMA models only; others keep what they "
+            "ask for).")
+
+
 def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
+    _refuse_what_is_not_applied(module, key, attention_mask, kwargs)
     if kwargs.get("output_attentions") or _config_asks_for_weights(module):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if attention_mask is not None and attention_mask.dim() > 2:

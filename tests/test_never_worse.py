@@ -165,7 +165,7 @@ def test_a_tuple_asked_of_the_causal_lm_with_labels_keeps_the_whole_model_saving
 
 def test_a_model_pickled_with_autoflash_active_runs_where_it_is_not(tmp_path):
     if not modern_era():
-        pytest.skip("before transformers' AttentionInterface autoflash runs behind transformers' own "
+        pytest.skip("transformers < ~4.56: autoflash runs behind transformers' own "
                     "'flash_attention_2' name, which every process knows")
     path = tmp_path / "model.pt"
     source = f"""

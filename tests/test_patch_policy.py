@@ -190,3 +190,43 @@ def test_status_is_json_serialisable_and_complete(llama):
     assert all({"name", "available", "reasons"} <= set(b) for b in data["backends"])
     assert {"torch", "transformers", "flash-attn", "wrapt"} <= set(data["versions"])
     assert "gpu" in data
+
+
+def _other_family(llama, family, **extra):
+    """(model of another family asking for autoattn, the same weights on eager)."""
+    import copy
+
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, **extra)
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    torch.manual_seed(0)
+    fast, eager = model_class(copy.deepcopy(config)).eval(), model_class(copy.deepcopy(config)).eval()
+    eager.load_state_dict(fast.state_dict())
+    fast.set_attn_implementation(ATTENTION_NAME)  # any model may ask for autoattn once it is registered
+    eager.set_attn_implementation("eager")
+    return fast, eager
+
+
+@modern_only
+def test_another_familys_sliding_window_is_refused_where_it_would_change_the_answer(llama):
+    """autoflash applies no window: a window shorter than the keys must not be served silently."""
+    from autoflash.dispatch import BackendUnavailable
+
+    fast, eager = _other_family(llama, "Mistral", sliding_window=4)
+    short = torch.randint(1, 50, (2, 4))  # every key within the window: the window changes nothing
+    assert (fast(short).logits - eager(short).logits).abs().max() < 1e-5
+    with pytest.raises(BackendUnavailable, match=r"MistralAttention: .*sliding window of 4 over 8 keys.*"
+                                                 r"attn_implementation='sdpa' or 'eager'"):
+        fast(torch.randint(1, 50, (2, 8)))
+
+
+@modern_only
+def test_another_familys_logit_softcapping_is_refused(llama):
+    from autoflash.dispatch import BackendUnavailable
+
+    fast, _ = _other_family(llama, "Gemma2", head_dim=16, sliding_window=64)
+    with pytest.raises(BackendUnavailable, match=r"Gemma2Attention: .*softcapping \(50.0\)"):
+        fast(torch.randint(1, 50, (2, 6)))
