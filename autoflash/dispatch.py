@@ -140,10 +140,21 @@ def _log_fallback(call: AttentionCall, decision: Decision) -> None:
     if key in _warned:
         return
     _warned[key] = True
-    logger.warning("autoflash: %s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
+    log = logger.warning if _user_can_act(call, decision) else logger.info
+    log("autoflash: %s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
                    {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
                     "masked": "traced padded/packed"}[call.kind],
                    decision.backend, decision.why())
+
+
+def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
+    """A warning only where the user can do something: a GPU call that no flash kernel serves (its dtype,
+    the GPU, a missing package; the reasons say which). A CPU call runs SDPA by design, a traced padded
+    call and a cache whose key mask has holes by necessity, and a flash kernel serving is no fallback
+    worth a word: those are logged at INFO."""
+    if call.device_type != "cuda" or decision.backend in ("flash_attn", "torch"):
+        return False
+    return call.kind != "masked" and not (call.kind == "cache" and not call.cache_keys_contiguous)
 
 
 def describe_choice(call: AttentionCall) -> Dict[str, object]:

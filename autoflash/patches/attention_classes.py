@@ -124,6 +124,10 @@ def _rotary_sized_for_the_batch(original):
     return forward
 
 
+def _not_the_float32_cast_notice(record) -> bool:
+    return not record.getMessage().startswith("The input hidden states seems to be silently casted in float32")
+
+
 def apply(module) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
@@ -141,6 +145,9 @@ def apply(module) -> Patch:
                 self._autoflash_position_ids = None
 
         patch.set_attribute(attention_class, "forward", forward)
+        # LlamaFlashAttention2 warns that float32 inputs are "silently casted" for flash-attn; autoflash
+        # casts nothing (float32 runs SDPA), so the warning would only mislead
+        patch.add_log_filter(module.__name__, _not_the_float32_cast_notice)
         if callable(getattr(module, "_flash_attention_forward", None)):
             patch.set_attribute(module, "_flash_attention_forward", _module_level)
         else:

@@ -42,6 +42,15 @@ class Patch:
 
         self._undo.append(undo)
 
+    def add_log_filter(self, logger_name: str, log_filter) -> None:
+        """Attach ``log_filter`` to a logger of the patched library until ``undo``."""
+        import logging
+
+        logger = logging.getLogger(logger_name)
+        logger.addFilter(log_filter)
+        self.replaced.append((f"logger {logger_name!r} filter", _MISSING))
+        self._undo.append(lambda: logger.removeFilter(log_filter))
+
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
