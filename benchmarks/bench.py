@@ -587,38 +587,6 @@ def table(workload, result) -> str:
     return "\n".join(lines)
 
 
-def plot(workload, result, path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "(matplotlib not installed: no plot)"
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    if workload == "w3":
-        for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
-            rows = [r for r in result["rows"] if r["kernel"] == kernel and "skipped" not in r]
-            ax.plot([r["length"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], marker="o", label=kernel)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s, forward+backward")
-        ax.legend()
-    else:
-        key = {"w4": "longest"}.get(workload, "tokens_per_s")
-        rows = [r for r in result["rows"] if "skipped" not in r]
-        labels = [r["competitor"] + (f"\n{r['cache']}" if "cache" in r else "")
-                  + (f" b{r['batch']}" if "batch" in r else "") for r in rows]
-        ax.bar(labels, [r[key] for r in rows])
-        ax.set_ylabel({"longest": "longest sequence trained", "tokens_per_s": "tokens/s"}[key])
-        ax.tick_params(axis="x", labelsize=7)
-    ax.set_title(workload)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
-
-
 def run_one(workload: str, smoke: bool, out: Path) -> None:
     import autoflash
 
@@ -634,6 +602,8 @@ def run_one(workload: str, smoke: bool, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{workload}.json").write_text(json.dumps(result, indent=1, default=str))
     print(text)
+    from plots import plot
+
     print(plot(workload, result, out / f"{workload}.png"))
 
 
