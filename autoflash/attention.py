@@ -6,6 +6,7 @@ attention function (once per layer). From here on a call is plain data: a ``Layo
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -253,12 +254,12 @@ def _cuda_autocast_dtype():
 _notified = set()
 
 
-def _once(key: str, message: str) -> None:
+def _once(key: str, message: str, level: int = logging.WARNING) -> None:
     if tracing.is_tracing():
         return  # said by the untraced calls; a log call inside a trace would break it
     if key not in _notified:
         _notified.add(key)
-        logger.warning(message)
+        logger.log(level, message)
 
 
 def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
@@ -285,8 +286,9 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
 
 def _custom_mask(query, key, value, attention_mask, dropout, scaling):
     """A 4-D mask the caller built: honour it as given, through SDPA."""
+    # nothing for the user to do (the mask is served exactly, as given): said at INFO
     _once("4d", "autoflash: a 4-D attention mask (built by the caller, or by transformers 4.48-4.5x for a static "
-                "cache) came with the call; such calls run on SDPA with that mask as given")
+                "cache) came with the call; such calls run on SDPA with that mask as given", logging.INFO)
     mask = attention_mask[:, :, :, : key.shape[2]]
     groups = query.shape[1] // key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
