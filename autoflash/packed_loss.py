@@ -50,7 +50,7 @@ def wrap(original, lm_class, attention_name, boundaries: unpad_model.Boundaries 
                                      or boundaries.published(getattr(self, "model", None))):
             # traced where padding stays: logits and loss as transformers computes them
             return original(self, *args, **kwargs)
-        if type(self) is not lm_class:  # its own code may depend on the padded layout
+        if not unpad_model.is_model_class(self, lm_class):  # its own code may depend on the padded layout
             return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
                                           "autoflash does not know", original, args, kwargs)
         if kwargs.get("labels") is None and not args:  # decode steps and forwards without labels: no binding

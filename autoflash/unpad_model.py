@@ -128,6 +128,17 @@ def _cache_passed(kwargs) -> bool:
     return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None  # renamed in 5.2x
 
 
+def is_model_class(module, model_class) -> bool:
+    """``model_class`` itself, or what torch's FSDP2 (``fully_shard``) makes of it: a class of bases
+    (FSDPModule, model_class) that adds sharding hooks and methods but runs the model's own forward."""
+    cls = type(module)
+    if cls is model_class:
+        return True
+    bases = cls.__bases__
+    return (len(bases) == 2 and bases[1] is model_class and bases[0].__name__ == "FSDPModule"
+            and bases[0].__module__.startswith("torch.distributed") and "forward" not in cls.__dict__)
+
+
 def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name) -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
     # decode steps (a cache passed in) are the most frequent calls: answered first
@@ -135,7 +146,7 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
         return "a KV cache was passed in"
     if not settings().unpad_model:
         return f"{UNPAD_MODEL_VARIABLE}=0"
-    if type(module) is not model_class:
+    if not is_model_class(module, model_class):
         return f"{type(module).__qualname__} is a subclass of {model_class.__name__} autoflash does not know"
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return "the attention mask is not a 2-D key-padding mask"

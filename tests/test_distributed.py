@@ -1,0 +1,78 @@
+"""Data-parallel training over two CPU processes (gloo), with padding that differs per rank: DDP and FSDP2
+with whole-model padding removal take the same step as one process on the concatenated batch.
+
+Each rank is a process started by torch.multiprocessing.spawn, so this also shows autoflash active in
+spawned ranks with no code change (the .pth line arms it there)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import _distributed_worker as worker
+from conftest import FLOAT32_RTOL
+
+
+def _concatenated(case):
+    """The ranks' batches as one: padded on the right to the widest (padding added where none was real)."""
+    parts = worker.batches(case)
+    width = max(ids.shape[1] for ids, _, _ in parts)
+
+    def widen(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return (torch.cat([widen(ids, 0) for ids, _, _ in parts]), torch.cat([widen(m, 0) for _, m, _ in parts]),
+            torch.cat([widen(labels, -100) for _, _, labels in parts]))
+
+
+def _single_process_step(case):
+    model = worker.build(attention="eager")
+    before = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=worker.LEARNING_RATE)
+    ids, mask, labels = _concatenated(case)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=worker.targets(labels))
+    out.loss.backward()
+    optimizer.step()
+    return out.loss.detach(), before, model.state_dict()
+
+
+def _spawn(function, args, monkeypatch, deadline_s=300):
+    """Two ranks, joined with a deadline: a rank that hangs fails the test instead of stalling the run."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the loopback device: containers' host names may not route
+    context = torch.multiprocessing.spawn(function, args=args, nprocs=2, join=False)
+    start = time.monotonic()
+    while not context.join(timeout=5):
+        if time.monotonic() - start > deadline_s:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks did not finish within {deadline_s} s")
+
+
+def _fsdp2_or_skip():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
+
+
+@pytest.mark.parametrize("case", ["different widths", "one real row"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, case):
+    from transformers import LlamaForCausalLM
+
+    if not hasattr(LlamaForCausalLM, "loss_function"):
+        pytest.skip("num_items_in_batch (the Trainer's token averaging across ranks) needs transformers >= 4.46")
+    if mode == "fsdp2":
+        _fsdp2_or_skip()
+    out_path = tmp_path / "rank0.pt"
+    _spawn(worker.step, (2, str(tmp_path / "rendezvous"), mode, case, str(out_path)), monkeypatch)
+    job = torch.load(out_path)
+    loss, before, after = _single_process_step(case)
+    assert [p["path"] for p in job["paths"]] == ["whole-model", "whole-model"], job["paths"]
+    assert abs(job["loss"].item() - loss.item()) <= FLOAT32_RTOL * abs(loss.item())
+    for name, reference in after.items():
+        update, reference_update = job["state"][name] - before[name], reference - before[name]
+        difference = (update.double() - reference_update.double()).norm()
+        assert difference <= FLOAT32_RTOL * max(reference_update.double().norm(), 1e-12), name
