@@ -75,6 +75,14 @@ def _example_calls(gpu):
     return {"training (padded batch, LLaMA-3-8B heads)": training, "decode (left-padded kv cache)": decode}
 
 
+def _rank() -> Optional[dict]:
+    """This process's place in a distributed job (torchrun, accelerate launch and the like set these), else None."""
+    names = {"rank": "RANK", "world_size": "WORLD_SIZE", "local_rank": "LOCAL_RANK"}
+    if "RANK" not in os.environ:
+        return None
+    return {key: int(os.environ[name]) if os.environ.get(name, "").isdigit() else None for key, name in names.items()}
+
+
 def _hook_problem() -> Optional[str]:
     """Why the import hook is not (or could not be) registered in this process, with what to do; else None."""
     from autoflash import hooks
@@ -110,6 +118,7 @@ def status() -> dict:
                      "transformers": _version("transformers"), "flash-attn": _version("flash-attn") or
                      _version("flash_attn"), "wrapt": _version("wrapt")},
         "gpu": gpu,
+        "rank": _rank(),
         "padding_removal": {"whole_model": settings().unpad_model, "last": None},
         "traced": {},  # what programs traced by torch.compile / torch.export in this process were built with
         "backends": [],
@@ -136,7 +145,9 @@ def status() -> dict:
 
 
 def report(data: dict) -> str:
-    lines = [f"autoflash {data['autoflash'] or '(not installed as a distribution)'}"]
+    rank = data.get("rank")
+    lines = [f"autoflash {data['autoflash'] or '(not installed as a distribution)'}"
+             + (f"  [rank {rank['rank']} of {rank['world_size']}, local rank {rank['local_rank']}]" if rank else "")]
     if data["disabled_by_env"]:
         lines.append(f"  DISABLED by {DISABLE_VARIABLE}: nothing is registered, nothing patched")
     else:

@@ -28,6 +28,16 @@ def test_doctor_json_is_the_status_dict():
     assert all(r["reasons"] for r in training["refused"])
 
 
+def test_doctor_in_a_distributed_job_says_which_rank_it_speaks_for():
+    """Under torchrun every rank runs doctor (`torchrun --nproc-per-node N -m autoflash doctor`): each report
+    names its rank."""
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    out = _cli("doctor", env=env).stdout
+    assert out.splitlines()[0].endswith("[rank 1 of 2, local rank 1]")
+    assert json.loads(_cli("doctor", "--json", env=env).stdout)["rank"] == {"rank": 1, "world_size": 2,
+                                                                            "local_rank": 1}
+
+
 def test_doctor_under_the_disable_switch_says_so():
     env = {**os.environ, "AUTOFLASH_DISABLE": "1"}
     out = _cli("doctor", env=env).stdout
