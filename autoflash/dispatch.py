@@ -17,7 +17,7 @@ import torch
 
 from autoflash import backends, tracing
 from autoflash.call import AttentionCall, device_capability
-from autoflash.settings import logger, settings
+from autoflash.settings import EXCLUDE_CHOICES, logger, settings
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,32 @@ def forced(name: str):
         _generation[0] += 1
 
 
+@contextlib.contextmanager
+def excluded(*names: str):
+    """Leave backends out of the choice in this thread (benchmarks, tests, a user comparing kernels); each
+    refusal then reads "excluded". ``AUTOFLASH_EXCLUDE`` does the same for a whole process."""
+    unknown = [n for n in names if n not in EXCLUDE_CHOICES]  # (SDPA serves every call: never excluded)
+    if unknown:
+        raise ValueError(f"cannot exclude {', '.join(map(repr, unknown))} (excludable: {', '.join(EXCLUDE_CHOICES)})")
+    previous = getattr(_override, "excluded", ())
+    _override.excluded = tuple(dict.fromkeys(previous + names))
+    _generation[0] += 1
+    try:
+        yield
+    finally:
+        _override.excluded = previous
+        _generation[0] += 1
+
+
+def _excluded() -> Tuple[Tuple[str, str], ...]:
+    """(backend, who excluded it) pairs in force in this thread."""
+    return tuple((n, "AUTOFLASH_EXCLUDE") for n in settings().exclude) + tuple(
+        (n, "dispatch.excluded()") for n in getattr(_override, "excluded", ()) if n not in settings().exclude)
+
+
 def routing() -> tuple:
     """What, besides the call itself, decides its backend: callers keeping a decision key it on this."""
-    return _generation[0], getattr(_override, "name", None), settings().backend
+    return _generation[0], getattr(_override, "name", None), settings().backend, settings().exclude
 
 
 def _candidates():
@@ -64,13 +87,20 @@ def _candidates():
     return (backends.BY_NAME[name],), True
 
 
+def _reasons(backend, call: AttentionCall, excluded) -> Tuple[str, ...]:
+    source = dict(excluded).get(backend.name)
+    if source is not None:
+        return (f"excluded ({source})",)
+    return tuple(backend.reasons_not_supported(call))
+
+
 # the latest decision per layout kind, for the demo and doctor ("what did my model just use?")
 last_decisions: Dict[str, Decision] = {}
 
 
 def choose(call: AttentionCall) -> Decision:
     order, is_forced = _candidates()
-    decision = _choose(call, tuple(b.name for b in order), is_forced)
+    decision = _choose(call, tuple(b.name for b in order), is_forced, _excluded())
     last_decisions[call.kind] = decision
     return decision
 
@@ -110,10 +140,10 @@ def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool) -> Decision:
+def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, excluded=()) -> Decision:
     refused = []
     for name in names:
-        reasons = tuple(backends.BY_NAME[name].reasons_not_supported(call))
+        reasons = _reasons(backends.BY_NAME[name], call, excluded)
         if not reasons:
             decision = Decision(name, tuple(refused))
             _log_fallback(call, decision)
@@ -162,7 +192,7 @@ def describe_choice(call: AttentionCall) -> Dict[str, object]:
     order, _ = _candidates()
     refused, chosen = [], None
     for backend in order:
-        reasons = backend.reasons_not_supported(call)
+        reasons = _reasons(backend, call, _excluded())
         if not reasons and chosen is None:
             chosen = backend.name
         elif reasons:

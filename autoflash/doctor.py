@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 from autoflash import _startup
-from autoflash.settings import BACKEND_VARIABLE, DISABLE_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE, settings
+from autoflash.settings import (BACKEND_VARIABLE, DISABLE_VARIABLE, EXCLUDE_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE,
+                                settings)
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -163,7 +164,7 @@ def report(data: dict) -> str:
     lines.append(f"  runs in new interpreters: {'yes' if start['will_run'] else 'no'}")
     lines += [f"    - {r}" for r in start["reasons"]]
     lines.append("switches:")
-    for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE):
+    for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE, EXCLUDE_VARIABLE):
         lines.append(f"  {name}={os.environ.get(name, '')!s:<10} -> {data['settings'][name]}")
     removal = data["padding_removal"]
     lines.append("padding removal: " + ("whole model where it changes no answer, else per layer"

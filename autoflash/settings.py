@@ -14,6 +14,8 @@ from autoflash._startup import _TRUE_WORDS, DISABLE_VARIABLE, FALSE_WORDS, disab
 BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
 UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
+EXCLUDE_VARIABLE = "AUTOFLASH_EXCLUDE"
+EXCLUDE_CHOICES = ("flash_attn", "torch")
 BACKEND_CHOICES = ("auto", "flash_attn", "torch", "sdpa")
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -26,10 +28,11 @@ class Settings:
     backend: str  # one of BACKEND_CHOICES
     log_level: str  # one of LOG_CHOICES
     unpad_model: bool = True  # False: padding is removed inside attention only (autoflash/unpad_model.py)
+    exclude: tuple = ()  # backends left out of the choice (EXCLUDE_CHOICES)
 
     def as_dict(self) -> dict:
         return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level,
-                UNPAD_MODEL_VARIABLE: self.unpad_model}
+                UNPAD_MODEL_VARIABLE: self.unpad_model, EXCLUDE_VARIABLE: ",".join(self.exclude)}
 
 
 def _choice(variable: str, choices, default: str) -> str:
@@ -43,6 +46,17 @@ def _choice(variable: str, choices, default: str) -> str:
     return default
 
 
+def _names(variable: str, choices) -> tuple:
+    """A comma-separated list of names; unknown ones are named in one warning and left out."""
+    raw = os.environ.get(variable, "")
+    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        logger.warning("%s=%r: %s not one of %s; ignored", variable, raw, ", ".join(map(repr, unknown)),
+                       "|".join(choices))
+    return tuple(dict.fromkeys(n for n in names if n in choices))
+
+
 @functools.lru_cache(maxsize=1)
 def settings() -> Settings:
     raw = os.environ.get(DISABLE_VARIABLE, "")
@@ -54,6 +68,7 @@ def settings() -> Settings:
         backend=_choice(BACKEND_VARIABLE, BACKEND_CHOICES, "auto"),
         log_level=_choice(LOG_VARIABLE, tuple(LOG_CHOICES), "warning"),
         unpad_model=_choice(UNPAD_MODEL_VARIABLE, ("1", "0"), "1") == "1",
+        exclude=_names(EXCLUDE_VARIABLE, EXCLUDE_CHOICES),
     )
     _configure_logger(result.log_level)
     return result

@@ -101,11 +101,11 @@ def available(competitor: str) -> str | None:
 def competing_as(model, competitor: str):
     """Set the model's attention for one competitor; restore autoflash's full backend list after."""
     import autoflash
-    from autoflash import backends, dispatch
+    from autoflash import dispatch
 
     from autoflash import settings as settings_module
 
-    hidden = None
+    exclusion = contextlib.nullcontext()
     per_layer = competitor.endswith("per-layer")
     if per_layer:
         os.environ[settings_module.UNPAD_MODEL_VARIABLE] = "0"
@@ -122,14 +122,12 @@ def competing_as(model, competitor: str):
     else:
         model.set_attn_implementation("autoattn")
         if competitor.startswith("autoflash-torch"):
-            hidden = backends.FLASH_ATTN.unavailable_reasons
-            backends.FLASH_ATTN.unavailable_reasons = lambda: ["hidden by the benchmark"]
+            exclusion = dispatch.excluded("flash_attn")
     dispatch.clear_cache()
     try:
-        yield
+        with exclusion:
+            yield
     finally:
-        if hidden is not None:
-            backends.FLASH_ATTN.unavailable_reasons = hidden
         if per_layer:
             os.environ.pop(settings_module.UNPAD_MODEL_VARIABLE, None)
             settings_module.settings.cache_clear()

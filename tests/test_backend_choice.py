@@ -116,3 +116,42 @@ def test_each_kind_of_fallback_warns_once(monkeypatch, caplog):
     assert len(warnings) == 2
     assert "padded/packed attention runs on sdpa" in warnings[0] and "dtype=float32" in warnings[0]
     assert "kv-cache attention runs on sdpa" in warnings[1]
+
+
+def _flash_attn_serves_everything(monkeypatch):
+    monkeypatch.setattr(backends.FLASH_ATTN, "reasons_not_supported", lambda call: [])
+
+
+def test_an_excluded_backend_is_skipped_and_the_refusal_says_so(monkeypatch):
+    _flash_attn_serves_everything(monkeypatch)
+    call = _call()
+    assert dispatch.choose(call).backend == "flash_attn"
+    with dispatch.excluded("flash_attn"):
+        decision = dispatch.choose(call)
+        described = dispatch.describe_choice(call)
+    assert decision.backend == "torch"
+    assert _reasons(decision, "flash_attn") == ("excluded (dispatch.excluded())",)
+    assert described["backend"] == "torch" and described["refused"][0]["reasons"] == ["excluded (dispatch.excluded())"]
+    assert dispatch.choose(call).backend == "flash_attn"  # the exclusion ends with the block
+
+
+def test_sdpa_cannot_be_excluded():
+    with pytest.raises(ValueError, match="cannot exclude 'sdpa' \\(excludable: flash_attn, torch\\)"):
+        with dispatch.excluded("sdpa"):
+            pass
+
+
+def test_exclude_env_switch_is_read_and_unknown_names_are_named(monkeypatch, caplog):
+    from autoflash import settings as settings_module
+
+    _flash_attn_serves_everything(monkeypatch)
+    monkeypatch.setenv("AUTOFLASH_EXCLUDE", "flash_attn, bogus")
+    settings_module.settings.cache_clear()
+    try:
+        assert settings_module.settings().exclude == ("flash_attn",)
+        decision = dispatch.choose(_call())
+    finally:
+        monkeypatch.delenv("AUTOFLASH_EXCLUDE")
+        settings_module.settings.cache_clear()
+    assert decision.backend == "torch" and _reasons(decision, "flash_attn") == ("excluded (AUTOFLASH_EXCLUDE)",)
+    assert "AUTOFLASH_EXCLUDE='flash_attn, bogus': 'bogus' not one of flash_attn|torch; ignored" in caplog.text
