@@ -42,13 +42,20 @@ def forced(name: str):
     """Route every call in this thread to one backend (tests, benchmarks); "auto" restores the normal choice."""
     if name != "auto" and name not in backends.BY_NAME:
         raise ValueError(f"unknown backend {name!r} (known: {', '.join(backends.BY_NAME)})")
-    previous = getattr(_override, "name", None)
-    _override.name = None if name == "auto" else name
+    with _overriding("name", None if name == "auto" else name):
+        yield
+
+
+@contextlib.contextmanager
+def _overriding(attribute: str, value):
+    """Set one of this thread's dispatch overrides for the block; decisions kept elsewhere see the change."""
+    previous = getattr(_override, attribute, None)
+    setattr(_override, attribute, value)
     _generation[0] += 1
     try:
         yield
     finally:
-        _override.name = previous
+        setattr(_override, attribute, previous)
         _generation[0] += 1
 
 
@@ -59,20 +66,14 @@ def excluded(*names: str):
     unknown = [n for n in names if n not in EXCLUDE_CHOICES]  # (SDPA serves every call: never excluded)
     if unknown:
         raise ValueError(f"cannot exclude {', '.join(map(repr, unknown))} (excludable: {', '.join(EXCLUDE_CHOICES)})")
-    previous = getattr(_override, "excluded", ())
-    _override.excluded = tuple(dict.fromkeys(previous + names))
-    _generation[0] += 1
-    try:
+    with _overriding("excluded", tuple(dict.fromkeys((getattr(_override, "excluded", None) or ()) + names))):
         yield
-    finally:
-        _override.excluded = previous
-        _generation[0] += 1
 
 
 def _excluded() -> Tuple[Tuple[str, str], ...]:
     """(backend, who excluded it) pairs in force in this thread."""
     return tuple((n, "AUTOFLASH_EXCLUDE") for n in settings().exclude) + tuple(
-        (n, "dispatch.excluded()") for n in getattr(_override, "excluded", ()) if n not in settings().exclude)
+        (n, "dispatch.excluded()") for n in getattr(_override, "excluded", None) or () if n not in settings().exclude)
 
 
 def routing() -> tuple:
