@@ -8,8 +8,8 @@ the list to one) and the first with no reason against the call wins.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
-import threading
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -33,7 +33,9 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot serve a call; the message names what is missing."""
 
 
-_override = threading.local()
+# this thread's (or task's) overrides: read only outside traced graphs (choose runs at trace time)
+_forced_name = contextvars.ContextVar("autoflash_forced_backend", default=None)
+_excluded_here = contextvars.ContextVar("autoflash_excluded_backends", default=())
 _generation = [0]  # bumped whenever what decides a call changes (forced, clear_cache)
 
 
@@ -42,20 +44,19 @@ def forced(name: str):
     """Route every call in this thread to one backend (tests, benchmarks); "auto" restores the normal choice."""
     if name != "auto" and name not in backends.BY_NAME:
         raise ValueError(f"unknown backend {name!r} (known: {', '.join(backends.BY_NAME)})")
-    with _overriding("name", None if name == "auto" else name):
+    with _overriding(_forced_name, None if name == "auto" else name):
         yield
 
 
 @contextlib.contextmanager
-def _overriding(attribute: str, value):
+def _overriding(variable: contextvars.ContextVar, value):
     """Set one of this thread's dispatch overrides for the block; decisions kept elsewhere see the change."""
-    previous = getattr(_override, attribute, None)
-    setattr(_override, attribute, value)
+    token = variable.set(value)
     _generation[0] += 1
     try:
         yield
     finally:
-        setattr(_override, attribute, previous)
+        variable.reset(token)
         _generation[0] += 1
 
 
@@ -66,23 +67,23 @@ def excluded(*names: str):
     unknown = [n for n in names if n not in EXCLUDE_CHOICES]  # (SDPA serves every call: never excluded)
     if unknown:
         raise ValueError(f"cannot exclude {', '.join(map(repr, unknown))} (excludable: {', '.join(EXCLUDE_CHOICES)})")
-    with _overriding("excluded", tuple(dict.fromkeys((getattr(_override, "excluded", None) or ()) + names))):
+    with _overriding(_excluded_here, tuple(dict.fromkeys(_excluded_here.get() + names))):
         yield
 
 
 def _excluded() -> Tuple[Tuple[str, str], ...]:
     """(backend, who excluded it) pairs in force in this thread."""
     return tuple((n, "AUTOFLASH_EXCLUDE") for n in settings().exclude) + tuple(
-        (n, "dispatch.excluded()") for n in getattr(_override, "excluded", None) or () if n not in settings().exclude)
+        (n, "dispatch.excluded()") for n in _excluded_here.get() if n not in settings().exclude)
 
 
 def routing() -> tuple:
     """What, besides the call itself, decides its backend: callers keeping a decision key it on this."""
-    return _generation[0], getattr(_override, "name", None), settings().backend, settings().exclude
+    return _generation[0], _forced_name.get(), settings().backend, settings().exclude
 
 
 def _candidates():
-    name = getattr(_override, "name", None) or settings().backend
+    name = _forced_name.get() or settings().backend
     if name == "auto":
         return backends.AUTO_ORDER, False
     return (backends.BY_NAME[name],), True

@@ -27,7 +27,7 @@ Three kinds of layout:
 
 from __future__ import annotations
 
-import threading
+import contextvars
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -248,13 +248,8 @@ def plan_traced(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqle
 
 # -- one plan per forward ---------------------------------------------------------------------------
 
-class _LastPlan(threading.local):
-    key = None
-    refs = ()
-    layout = None
-
-
-_last = _LastPlan()
+# (key, weak references, layout) of the last plan made in this thread (or task); untraced calls only
+_last_plan = contextvars.ContextVar("autoflash_last_plan", default=(None, (), None))
 
 
 def _identity(t):
@@ -269,8 +264,9 @@ def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=
     """The layout for this forward, computed by its first attention layer and reused by the rest."""
     key = (_identity(mask), _identity(position_ids), _identity(given_cu_seqlens), batch, q_len, kv_len)
     # the weak references prove the ids still name the same live tensors (ids are reused after free)
-    if key == _last.key and all(r() is not None for r in _last.refs):
-        return _last.layout
+    last_key, last_refs, last_layout = _last_plan.get()
+    if key == last_key and all(r() is not None for r in last_refs):
+        return last_layout
     refs = tuple(weakref.ref(t) for t in (mask, position_ids, given_cu_seqlens) if t is not None)
     if kv_len > q_len:
         layout = plan_with_cache(mask, batch, q_len, kv_len, device)
@@ -278,7 +274,7 @@ def plan_for(mask, position_ids, batch, q_len, kv_len, device, given_cu_seqlens=
         layout = plan_from_given_boundaries(given_cu_seqlens, given_max_seqlen, batch, q_len)
     else:
         layout = plan_without_cache(mask, position_ids, batch, q_len, device)
-    _last.key, _last.refs, _last.layout = key, refs, layout
+    _last_plan.set((key, refs, layout))
     return layout
 
 
