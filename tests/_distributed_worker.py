@@ -5,6 +5,7 @@ batch, and rank 0 writes the job's loss, the updated weights and every rank's pa
 from __future__ import annotations
 
 import datetime
+import gc
 
 import torch
 import torch.distributed as dist
@@ -43,37 +44,45 @@ def build(seed: int = 0, attention: str | None = None):
 
 
 def step(rank: int, world: int, init_file: str, mode: str, case: str, out_path: str) -> None:
-    from autoflash import unpad_model
-
     # a collective that never completes fails after the timeout instead of hanging the test run
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        model = build()
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-        ids, mask, labels = batches(case)[rank]
-        # the Trainer's average_tokens_across_devices: every rank divides by the job's count of targets and
-        # scales by the world size, since DDP and FSDP average the gradients
-        items = sum(targets(b[2]) for b in batches(case))
-        out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
-        (out.loss * world).backward()
-        optimizer.step()
-        path = unpad_model.last_decision()
-        loss = out.loss.detach().clone()
-        dist.all_reduce(loss)  # the job's loss: the sum over ranks of each rank's share
-        paths = [None] * world
-        dist.all_gather_object(paths, path)
-        state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
-                 for name, value in model.state_dict().items()}
+        result = _train(rank, world, mode, case)
+        gc.collect()  # DDP's reducer, should a cycle hold it, goes before the process group
         if rank == 0:
-            torch.save({"loss": loss, "state": state, "paths": paths}, out_path)
+            torch.save(result, out_path)
     finally:
+        # DDP's reducer is gone by now (it lived in _train): a reducer released after the process group is
+        # destroyed hangs gloo's teardown now and then, with autoflash off too (docs/findings.md)
         dist.destroy_process_group()
+
+
+def _train(rank: int, world: int, mode: str, case: str) -> dict:
+    from autoflash import unpad_model
+
+    model = build()
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    ids, mask, labels = batches(case)[rank]
+    # the Trainer's average_tokens_across_devices: every rank divides by the job's count of targets and
+    # scales by the world size, since DDP and FSDP average the gradients
+    items = sum(targets(b[2]) for b in batches(case))
+    out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
+    (out.loss * world).backward()
+    optimizer.step()
+    path = unpad_model.last_decision()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)  # the job's loss: the sum over ranks of each rank's share
+    paths = [None] * world
+    dist.all_gather_object(paths, path)
+    state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+             for name, value in model.state_dict().items()}
+    return {"loss": loss, "state": state, "paths": paths}
