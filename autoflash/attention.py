@@ -95,7 +95,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kwargs):
     """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     packed = kwargs.get("autoflash_packed_row")
-    if packed is not None and packed.backend is not None and _same_call(packed.call, query, key, dropout, is_causal,
+    if packed is not None and packed.backend is not None and _same_call(packed, query, key, dropout, is_causal,
                                                                         module, kwargs):
         scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
         out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
@@ -103,29 +103,39 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
 
 
-def _same_call(call, query, key, dropout, is_causal, module, kwargs) -> bool:
+def _same_call(packed, query, key, dropout, is_causal, module, kwargs) -> bool:
+    call = packed.call
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     return (not kwargs.get("output_attentions") and query.dtype == call.dtype and query.shape[0] == 1
             and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
-            and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal)
+            and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal
+            and _binding_window(kwargs, packed.layout, key) is None)
     # (needs_grad is not compared: no backend's choice for a varlen call depends on it)
+
+
+def _binding_window(kwargs, layout, key):
+    """The call's sliding window (transformers passes it as ``sliding_window``) where some sequence is longer
+    than it, else None: a window no sequence reaches past changes nothing."""
+    window = kwargs.get("sliding_window")
+    if window is None:
+        return None
+    # transformers counts the window in key slots: padding between a row's real tokens would count, so
+    # only a row of real tokens alone (the packed row) is judged by its longest sequence
+    packed = layout.kind == "varlen" and layout.total == layout.batch * layout.q_len
+    longest = layout.max_seqlen if packed else key.shape[2]
+    return int(window) if longest > window else None
 
 
 def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
-def _refuse_what_is_not_applied(module, key, attention_mask, kwargs) -> None:
-    """A model outside the LLaMA family may ask its attention for more than causal softmax attention
-    (``autoattn`` is registered for every model, and any model may be loaded with it). autoflash
-    applies none of it: served silently, the answer would be wrong (Mistral with a 4-token window
-    differed from eager by 0.43), so the call is refused, saying what to do."""
+def _refuse_what_is_not_applied(module, kwargs) -> None:
+    """A model outside the families autoflash knows may ask its attention for more than causal softmax
+    attention with a sliding window (``autoattn`` is registered for every model, and any model may be
+    loaded with it). autoflash applies none of that: served silently, the answer would be wrong (Gemma2's
+    softcapping differed from eager by 0.44), so the call is refused, saying what to do."""
     reasons = []
-    window = kwargs.get("sliding_window")
-    # a window no key is outside of changes nothing (every query sees at most kv_len - 1 keys back);
-    # a 4-D mask built by transformers carries the window itself
-    if window is not None and key.shape[2] > window and not (attention_mask is not None and attention_mask.dim() > 2):
-        reasons.append(f"a sliding window of {window} over {key.shape[2]} keys")
     if kwargs.get("softcap"):
         reasons.append(f"attention logit softcapping ({kwargs['softcap']})")
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
@@ -134,13 +144,13 @@ def _refuse_what_is_not_applied(module, key, attention_mask, kwargs) -> None:
         raise dispatch.BackendUnavailable(
             f"autoflash cannot serve {type(module).__name__}: its attention asks for {' and '.join(reasons)}, "
             "which autoflash does not apply (the answer would be wrong). Load this model with "
-            "attn_implementation='sdpa' or 'eager' (autoflash patches LLaMA models only; others keep what they "
-            "ask for).")
+            "attn_implementation='sdpa' or 'eager' (autoflash patches the families `autoflash doctor` lists; "
+            "other models keep what they ask for).")
 
 
 def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
-    _refuse_what_is_not_applied(module, key, attention_mask, kwargs)
+    _refuse_what_is_not_applied(module, kwargs)
     if kwargs.get("output_attentions") or _config_asks_for_weights(module):
         return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if attention_mask is not None and attention_mask.dim() > 2:
@@ -176,7 +186,8 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
         # empty inputs); padded positions hold zeros
         batch, num_heads, q_len, head_dim = query.shape
         return query.new_zeros(batch, q_len, num_heads, head_dim, dtype=in_dtype), None
-    call, name = _decided(layout, module, query, key, value, dropout, is_causal)
+    call, name = _decided(layout, module, query, key, value, dropout, is_causal,
+                          _binding_window(kwargs, layout, key))
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = BY_NAME[name].run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
@@ -196,7 +207,7 @@ def _layout_of(query, key, attention_mask, kwargs):
                 kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
 
 
-def _decided(layout, module, query, key, value, dropout, is_causal):
+def _decided(layout, module, query, key, value, dropout, is_causal, window=None):
     """This call's record and the backend that serves it.
 
     Every layer of a forward makes the same call: the first one's decision is kept on the
@@ -207,24 +218,25 @@ def _decided(layout, module, query, key, value, dropout, is_causal):
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     needs_grad = _needs_grad(query, key, value)
     if tracing.is_tracing():
-        call = _call_record(layout, query, key, dropout, causal, needs_grad)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
         return call, dispatch.pick(call, query.device)
     memo = ("decision", query.shape, key.shape, query.dtype, query.device, float(dropout), causal, needs_grad,
-            dispatch.routing())
+            window, dispatch.routing())
     decided = layout.derived.get(memo)
     if decided is None:
-        call = _call_record(layout, query, key, dropout, causal, needs_grad)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
         decided = layout.derived[memo] = (call, dispatch.pick(call, query.device))
     return decided
 
 
-def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool) -> AttentionCall:
+def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, window=None) -> AttentionCall:
     batch, num_heads, q_len, head_dim = query.shape
     return AttentionCall(
         kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
         q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
+        window=window,
     )
 
 
@@ -270,7 +282,7 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
         allowed = attention_mask[:, :, :, :key.shape[2]]
     else:
         layout = _layout_of(query, key, attention_mask, kwargs)
-        call, _ = _decided(layout, module, query, key, value, dropout, None)
+        call, _ = _decided(layout, module, query, key, value, dropout, None, _binding_window(kwargs, layout, key))
         allowed = allowed_keys(layout, call, query.device)
     if allowed.dtype == torch.bool:
         additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)

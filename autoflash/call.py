@@ -27,6 +27,9 @@ class AttentionCall:
     needs_grad: bool
     left_padded_cache: bool = False
     cache_keys_contiguous: bool = True
+    # transformers' sliding window where it binds (some sequence is longer): a query at position i
+    # sees keys i - window + 1 .. i. None: no window, or one no sequence reaches past
+    window: Optional[int] = None
 
     @property
     def gqa_ratio(self) -> int:
@@ -37,6 +40,7 @@ class AttentionCall:
                 f"head_dim={self.head_dim} dtype={str(self.dtype).replace('torch.', '')} device={self.device_type}"
                 + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
                 + (f" dropout={self.dropout}" if self.dropout else "")
+                + (f" sliding_window={self.window}" if self.window is not None else "")
                 + (" grad" if self.needs_grad else ""))
 
 

@@ -120,7 +120,7 @@ def pick(call: AttentionCall, device) -> str:
     return _choose_at_trace_time(call.kind, call.device_type, index, call.dtype, call.head_dim, call.num_heads,
                                  call.num_kv_heads, _constant_length(call.q_len), _constant_length(call.kv_len),
                                  call.dropout, call.causal, call.needs_grad, call.left_padded_cache,
-                                 call.cache_keys_contiguous)
+                                 call.cache_keys_contiguous, call.window)
 
 
 def _constant_length(length):
@@ -130,12 +130,12 @@ def _constant_length(length):
 
 @torch.compiler.assume_constant_result
 def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_heads, num_kv_heads, q_len, kv_len,
-                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous) -> str:
+                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous, window) -> str:
     capability = device_capability(device_index) if device_type == "cuda" else None
     call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
                          causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,
-                         cache_keys_contiguous=cache_keys_contiguous)
+                         cache_keys_contiguous=cache_keys_contiguous, window=window)
     name = choose(call).backend
     tracing.note(f"traced {kind}", f"{call.describe()} -> {name}")
     return name
@@ -182,9 +182,9 @@ def _log_fallback(call: AttentionCall, decision: Decision) -> None:
 def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
     """A warning only where the user can do something: a GPU call that no flash kernel serves (its dtype,
     the GPU, a missing package; the reasons say which). A CPU call runs SDPA by design, a traced padded
-    call and a cache whose key mask has holes by necessity, and a flash kernel serving is no fallback
-    worth a word: those are logged at INFO."""
-    if call.device_type != "cuda" or decision.backend in ("flash_attn", "torch"):
+    call and a cache whose key mask has holes by necessity, a sliding window because no flash kernel here
+    applies one yet, and a flash kernel serving is no fallback worth a word: those are logged at INFO."""
+    if call.device_type != "cuda" or decision.backend in ("flash_attn", "torch") or call.window is not None:
         return False
     return call.kind != "masked" and not (call.kind == "cache" and not call.cache_keys_contiguous)
 

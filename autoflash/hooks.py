@@ -1,9 +1,10 @@
 """Which modules autoflash watches, and what happens when each is imported.
 
 ``_startup`` calls ``register_import_hooks`` on the first ``import transformers``; from
-then on wrapt calls ``on_import`` right after the LLaMA module has executed, however it
-was reached (``import``, transformers' lazy module, ``AutoModelForCausalLM``). A patch
-that fails is logged as one warning and undone; the user's import always succeeds.
+then on wrapt calls ``on_import`` right after a family's module (``autoflash.families``)
+has executed, however it was reached (``import``, transformers' lazy module,
+``AutoModelForCausalLM``). A patch that fails is logged as one warning and undone; the
+user's import always succeeds.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import sys
 import threading
 from typing import Dict
 
-from autoflash.settings import logger, settings
+from autoflash.families import BY_MODULE, FAMILIES, served_from
+from autoflash.settings import FAMILIES_VARIABLE, logger, settings
 
-WATCHED_MODULES = ("transformers.models.llama.modeling_llama",)
+WATCHED_MODULES = tuple(family.module for family in FAMILIES)
 
 _lock = threading.RLock()  # re-entrant: a patch may import modules that fire other hooks
-_applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch
+_applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch, in the order applied
+_left_alone: Dict[str, str] = {}  # module name -> why it is imported and not patched (by design, not failure)
 _state = {"hooks_registered": False, "user_disabled": False, "last_error": None}
 
 
@@ -55,25 +58,37 @@ def apply(module) -> bool:
             return True
         if settings().disabled or _state["user_disabled"]:
             return False
-        from autoflash import patches  # imports torch: only now that transformers' LLaMA code is loading
-
-        era = patches.select(module)
-        if era is None:
-            _warn_unknown_version(module)
+        family = BY_MODULE[name]
+        if family.name not in settings().families:
+            _left_alone[name] = f"left out by {FAMILIES_VARIABLE}"
             return False
-        _applied[name] = era.apply(module)
+        from autoflash import patches  # imports torch: only now that a family's model code is loading
+
+        era = patches.select(module, family)
+        if era is None:
+            if patches.select(module, family, eras=[e.ERA for e in patches.ERAS]) is not None:
+                # a release autoflash knows, for another family: transformers' own attention serves it
+                version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
+                _left_alone[name] = f"{family.name} is patched from {served_from(family)}; this is {version}"
+                logger.info("autoflash: %s", _left_alone[name])
+                return False
+            _warn_unknown_version(module, family)
+            return False
+        _applied[name] = era.apply(module, family)
+        _left_alone.pop(name, None)
         _state["last_error"] = None
         logger.info("autoflash patched %s (%s era)", name, era.ERA)
         return True
 
 
-def _warn_unknown_version(module) -> None:
+def _warn_unknown_version(module, family) -> None:
     from autoflash import patches
 
     version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
-    _state["last_error"] = f"transformers {version} not recognised: {patches.why_unsupported(module)}"
+    why = patches.why_unsupported(module, family)
+    _state["last_error"] = f"transformers {version} not recognised: {why}"
     logger.warning("autoflash does not recognise transformers %s (%s); %s runs unpatched. Please report it "
-                   "with the output of `autoflash doctor`.", version, patches.why_unsupported(module), module.__name__)
+                   "with the output of `autoflash doctor`.", version, why, module.__name__)
 
 
 def enable() -> bool:
@@ -92,20 +107,40 @@ def enable() -> bool:
             module = sys.modules.get(name)
             if module is not None:
                 on_import(module)
-        return all(name in _applied for name in WATCHED_MODULES if name in sys.modules)
+        return all(name in _applied or name in _left_alone for name in WATCHED_MODULES if name in sys.modules)
 
 
 def disable() -> None:
     """Undo every patch, restoring the original objects; watched modules imported later stay unpatched."""
     with _lock:
         _state["user_disabled"] = True
-        for name in list(_applied):
+        # last applied, first undone: families share registrations (the attention name), and each
+        # patch restores what it found
+        for name in reversed(list(_applied)):
             _applied.pop(name).undo()
 
 
 def patched_modules():
     with _lock:
         return sorted(_applied)
+
+
+def families() -> Dict[str, str]:
+    """Each family's state in this process, for doctor: patched (and in which era), left alone (and
+    why), or watched (its module not imported yet)."""
+    with _lock:
+        out = {}
+        for family in FAMILIES:
+            if family.module in _applied:
+                out[family.name] = f"patched ({_applied[family.module].era} era)"
+            elif family.module in _left_alone:
+                out[family.name] = f"not patched: {_left_alone[family.module]}"
+            elif family.name not in settings().families:
+                out[family.name] = f"not watched: left out by {FAMILIES_VARIABLE}"
+            else:
+                out[family.name] = "watched (not imported yet)" if family.module not in sys.modules else "imported, " \
+                    "not patched"
+        return out
 
 
 def state() -> dict:

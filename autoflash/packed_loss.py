@@ -1,4 +1,4 @@
-"""Logits and loss on the real tokens only, for LlamaForCausalLM forwards given labels.
+"""Logits and loss on the real tokens only, for the causal-LM forwards (``<Family>ForCausalLM``) given labels.
 
 After ``autoflash.unpad_model`` has run the decoder stack on the packed row, the LM head
 and the loss need not see padding either: the largest tensor of a training step is the
@@ -29,16 +29,16 @@ from autoflash import tracing, unpad_model
 from autoflash.layout import pack, scatter
 
 _IGNORE = -100
-# LlamaForCausalLM.forward's own arguments: everything else is passed on to the model, as its forward does
+# the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
-# the model's arguments that LlamaForCausalLM names itself; the rest of its **kwargs go to the loss too
+# the model's arguments that the causal LM names itself; the rest of its **kwargs go to the loss too
 _MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds",
                     "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
 
 
-def wrap(original, lm_class, attention_name, boundaries: unpad_model.Boundaries = unpad_model.Boundaries()):
-    """``boundaries``: as given to ``unpad_model.wrap``; where a traced LlamaModel keeps its padding,
-    so do logits and loss."""
+def wrap(original, lm_class, family, attention_name, boundaries: unpad_model.Boundaries = unpad_model.Boundaries()):
+    """``lm_class``: the family's ForCausalLM (``autoflash.families``); ``boundaries``: as given to
+    ``unpad_model.wrap``; where a traced decoder keeps its padding, so do logits and loss."""
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
@@ -64,18 +64,18 @@ def wrap(original, lm_class, attention_name, boundaries: unpad_model.Boundaries 
         call.update(call.pop(var_keyword, None) or {})
         if call.get("labels") is None:
             return original(self, *args, **kwargs)
-        return _forward_with_labels(original, self, lm_class, attention_name, args, kwargs, call)
+        return _forward_with_labels(original, self, lm_class, family, attention_name, args, kwargs, call)
 
     forward.__wrapped__ = original
     return forward
 
 
-def _forward_with_labels(original, module, lm_class, attention_name, args, kwargs, call):
+def _forward_with_labels(original, module, lm_class, family, attention_name, args, kwargs, call):
     mask, labels = call.get("attention_mask"), call["labels"]
     source = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
     if source is not None and mask is not None:
         unpad_model.check_mask_shape(source, mask, call)
-    reason = unpad_model.why_keep_padding(module, lm_class, mask, call, attention_name)
+    reason = unpad_model.why_keep_padding(module, lm_class, family, mask, call, attention_name)
     keep = call.get("logits_to_keep", call.get("num_logits_to_keep"))
     if reason is None and not (keep is None or (isinstance(keep, int) and keep == 0)):
         reason = "logits_to_keep is set"  # an int or a tensor of positions
@@ -123,7 +123,7 @@ def _compiled_on_its_own(decoder) -> bool:
 
 
 def _keeping_padding(module, reason, original, args, kwargs):
-    """The original forward, its LlamaModel told to keep the padded layout (and why)."""
+    """The original forward, its decoder (``module.model``) told to keep the padded layout (and why)."""
     return unpad_model.run_with_handoff(getattr(module, "model", None), unpad_model.Handoff(keep_padding=reason),
                                         original, module, *args, **kwargs)
 

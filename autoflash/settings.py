@@ -10,12 +10,14 @@ import os
 from dataclasses import dataclass
 
 from autoflash._startup import _TRUE_WORDS, DISABLE_VARIABLE, FALSE_WORDS, disabled_by_env
+from autoflash.families import BY_NAME as FAMILIES_BY_NAME
 
 BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
 UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
 EXCLUDE_VARIABLE = "AUTOFLASH_EXCLUDE"
 EXCLUDE_CHOICES = ("flash_attn", "torch")
+FAMILIES_VARIABLE = "AUTOFLASH_FAMILIES"
 BACKEND_CHOICES = ("auto", "flash_attn", "torch", "sdpa")
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -29,10 +31,12 @@ class Settings:
     log_level: str  # one of LOG_CHOICES
     unpad_model: bool = True  # False: padding is removed inside attention only (autoflash/unpad_model.py)
     exclude: tuple = ()  # backends left out of the choice (EXCLUDE_CHOICES)
+    families: tuple = tuple(FAMILIES_BY_NAME)  # the model families patched (autoflash.families)
 
     def as_dict(self) -> dict:
         return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level,
-                UNPAD_MODEL_VARIABLE: self.unpad_model, EXCLUDE_VARIABLE: ",".join(self.exclude)}
+                UNPAD_MODEL_VARIABLE: self.unpad_model, EXCLUDE_VARIABLE: ",".join(self.exclude),
+                FAMILIES_VARIABLE: ",".join(self.families)}
 
 
 def _choice(variable: str, choices, default: str) -> str:
@@ -57,6 +61,13 @@ def _names(variable: str, choices) -> tuple:
     return tuple(dict.fromkeys(n for n in names if n in choices))
 
 
+def _families() -> tuple:
+    """AUTOFLASH_FAMILIES narrows what is patched (an admin's choice); unset or empty: every family."""
+    if not os.environ.get(FAMILIES_VARIABLE, "").strip():
+        return tuple(FAMILIES_BY_NAME)
+    return _names(FAMILIES_VARIABLE, tuple(FAMILIES_BY_NAME))
+
+
 @functools.lru_cache(maxsize=1)
 def settings() -> Settings:
     raw = os.environ.get(DISABLE_VARIABLE, "")
@@ -69,6 +80,7 @@ def settings() -> Settings:
         log_level=_choice(LOG_VARIABLE, tuple(LOG_CHOICES), "warning"),
         unpad_model=_choice(UNPAD_MODEL_VARIABLE, ("1", "0"), "1") == "1",
         exclude=_names(EXCLUDE_VARIABLE, EXCLUDE_CHOICES),
+        families=_families(),
     )
     _configure_logger(result.log_level)
     return result

@@ -18,9 +18,9 @@ because ``use_cache`` defaults to True keeps the saving: the cache built on the 
 row is returned in the padded layout, equal to eager's at real positions.
 
 How the sequence boundaries reach attention: transformers >= 4.48 passes the keyword
-arguments ``cu_seq_lens_q/k`` and ``max_length_q/k`` from ``LlamaModel.forward`` to the
-attention function (4.48-4.5x drop them under gradient checkpointing); 4.37-4.47 pass
-nothing on. So the boundaries are also published for the duration of the forward
+arguments ``cu_seq_lens_q/k`` and ``max_length_q/k`` from the decoder's forward
+(``LlamaModel.forward``) to the attention function (4.48-4.5x drop them under gradient
+checkpointing); 4.37-4.47 pass nothing on. So the boundaries are also published for the duration of the forward
 (``packed_boundaries``), and the attention entry points of the older eras read them
 where the call brought none.
 """
@@ -46,9 +46,9 @@ PER_LAYER = "per-layer"
 
 class _ThreadState(threading.local):
     generating = 0  # depth of generate() calls on this thread
-    handoff = None  # (LlamaModel, Handoff) set by packed_loss for the model call it makes next
+    handoff = None  # (decoder, Handoff) set by packed_loss for the model call it makes next
     boundaries = None  # (packed length, cu_seq_lens kwargs, padded width) while a packed forward runs
-    last = None  # (path, reason) of the last LlamaModel forward that had padding to remove
+    last = None  # (path, reason) of the last decoder forward that had padding to remove
 
 
 _thread = _ThreadState()
@@ -139,7 +139,7 @@ def is_model_class(module, model_class) -> bool:
             and bases[0].__module__.startswith("torch.distributed") and "forward" not in cls.__dict__)
 
 
-def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name) -> Optional[str]:
+def why_keep_padding(module, model_class, family, attention_mask, kwargs, attention_name) -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
     # decode steps (a cache passed in) are the most frequent calls: answered first
     if _cache_passed(kwargs):
@@ -156,6 +156,11 @@ def why_keep_padding(module, model_class, attention_mask, kwargs, attention_name
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
+    window = family.window(module.config)
+    if window is not None and attention_mask.shape[1] > window:
+        # no kernel autoflash runs on the packed row applies a window yet; per layer, each call's
+        # mask stays the size of the padded batch's rows
+        return f"a sliding window of {window} applies to sequences this long"
     return None
 
 
@@ -205,14 +210,14 @@ def _positions(position_ids, batch, length, device):
     return positions.expand(batch, length)
 
 
-# -- the wrapper of LlamaModel.forward ------------------------------------------------------------
+# -- the wrapper of the decoder's forward ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class Boundaries:
     """How an era's model code hands the packed row's boundaries to attention.
 
     ``as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k (and other keyword arguments)
-    from LlamaModel.forward to attention; ``lost_under_checkpointing``: 4.48-4.5x drop them
+    from the decoder's forward to attention; ``lost_under_checkpointing``: 4.48-4.5x drop them
     under gradient checkpointing. Where they may not arrive, ``packed_boundaries`` publishes
     them for the forward (thread state), and a traced forward keeps its padding instead.
     ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
@@ -230,8 +235,9 @@ class Boundaries:
                                                                                 False) and decoder.training)
 
 
-def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundaries()):
-    """LlamaModel.forward, with padding removed from the whole stack where ``why_keep_padding`` allows."""
+def wrap(original, model_class, family, attention_name, boundaries: Boundaries = Boundaries()):
+    """``<Family>Model.forward`` (``model_class``, of ``family``: ``autoflash.families``), with padding
+    removed from the whole stack where ``why_keep_padding`` allows."""
     def with_layout(module, input_ids, attention_mask, position_ids, kwargs):
         """kwargs, with the padded batch's layout for attention where it is known without a sync."""
         if not boundaries.as_kwargs or _cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
@@ -275,7 +281,7 @@ def wrap(original, model_class, attention_name, boundaries: Boundaries = Boundar
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
-                why_keep_padding(self, model_class, attention_mask, kwargs, attention_name)
+                why_keep_padding(self, model_class, family, attention_mask, kwargs, attention_name)
             if reason is not None:
                 record(PER_LAYER, reason)
                 return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
@@ -319,7 +325,7 @@ def per_layer(original, module, input_ids, attention_mask, position_ids, args, k
 
 
 def run_with_handoff(model, handoff: Handoff, function, *args, **kwargs):
-    """Run ``function``, in which ``model`` (a LlamaModel) is called once with a decision already made.
+    """Run ``function``, in which ``model`` (a family's decoder, ``<Family>Model``) is called once with a decision already made.
 
     The model is still called through its ``__call__``, so hooks on it (accelerate's device
     placement, PEFT) run as usual.

@@ -29,6 +29,14 @@ def flash_hardware_reasons(call: AttentionCall, max_head_dim: int = 256) -> List
     return reasons
 
 
+def window_reason(call: AttentionCall) -> List[str]:
+    """The flash kernels here are not yet run with a sliding window (it would need a GPU measurement
+    against eager first): a windowed call goes to a backend that applies the window through its mask."""
+    if call.window is not None:
+        return [f"sliding_window={call.window} (supported: none yet; served exactly by sdpa's mask)"]
+    return []
+
+
 def traced_padding_reason(call: AttentionCall) -> List[str]:
     """Kernels that need the real tokens counted on the host cannot serve a traced padded call."""
     if call.kind == "masked":
@@ -41,10 +49,11 @@ def allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
     """(batch, 1, q_len, kv_len) bool: which key each query may attend to, for kernels that take a dense mask.
 
     Rows with no allowed key (padded queries) are opened to every key so that softmax stays
-    finite; their outputs are zeroed afterwards by ``zero_padded_queries``. Built once per
+    finite; their outputs are zeroed afterwards by ``zero_padded_queries``. A sliding window
+    counts key slots back from the query's, as transformers' masks do. Built once per
     forward (kept on the layout).
     """
-    key = ("allowed", call.causal, call.q_len, call.kv_len, str(device))
+    key = ("allowed", call.causal, call.q_len, call.kv_len, call.window, str(device))
     if key not in layout.derived:
         layout.derived[key] = _allowed_keys(layout, call, device)
     return layout.derived[key]
@@ -59,17 +68,20 @@ def _allowed_keys(layout: Layout, call: AttentionCall, device) -> torch.Tensor:
         last_key = end[:, None] - q_len + q_pos[None, :]  # bottom-right aligned causal
         allowed = k_pos[None, None, :] <= last_key[:, :, None] if call.causal else \
             (k_pos[None, None, :] < end[:, None, None]).expand(-1, q_len, -1)
+        if call.window is not None:
+            allowed = allowed & (k_pos[None, None, :] > last_key[:, :, None] - call.window)
         if layout.key_mask is not None:
             allowed = allowed & layout.key_mask[:, None, :]
-    elif layout.kind in ("varlen", "masked"):
-        seg = layout.segment_ids
-        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-        if call.causal:
-            allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
     else:
-        allowed = torch.ones(layout.batch, q_len, kv_len, dtype=torch.bool, device=device)
+        if layout.kind in ("varlen", "masked"):
+            seg = layout.segment_ids
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        else:
+            allowed = torch.ones(layout.batch, q_len, kv_len, dtype=torch.bool, device=device)
         if call.causal:
             allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+        if call.window is not None:
+            allowed = allowed & (k_pos[None, None, :] > q_pos[None, :, None] - call.window)
     empty = ~allowed.any(-1, keepdim=True)
     return (allowed | empty).unsqueeze(1)
 

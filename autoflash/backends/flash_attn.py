@@ -24,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from autoflash import tracing
-from autoflash.backends._common import flash_hardware_reasons, traced_padding_reason
+from autoflash.backends._common import flash_hardware_reasons, traced_padding_reason, window_reason
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad
 
@@ -93,7 +93,7 @@ class _FlashAttn:
         reasons = self.unavailable_reasons()
         if reasons:
             return reasons
-        reasons = flash_hardware_reasons(call) + traced_padding_reason(call)
+        reasons = flash_hardware_reasons(call) + traced_padding_reason(call) + window_reason(call)
         if call.kind == "cache":
             if call.needs_grad:
                 reasons.append("kv-cache call with gradients (flash_attn_with_kvcache has no backward)")

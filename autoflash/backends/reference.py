@@ -18,11 +18,12 @@ from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
 
-def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: bool) -> torch.Tensor:
+def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: bool, window=None) -> torch.Tensor:
     """q (total_q, heads, dim), k/v (total_k, kv_heads, dim) -> (total_q, heads, dim).
 
     Sequence i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]]; causal masks are
-    aligned bottom-right (the last query sees the last key), as in flash-attn >= 2.1.
+    aligned bottom-right (the last query sees the last key), as in flash-attn >= 2.1; with a
+    ``window``, a query sees only the ``window`` keys ending at its own position.
     """
     groups = q.shape[1] // k.shape[1]
     out = q.new_zeros(q.shape)
@@ -37,7 +38,10 @@ def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: 
         mask = None
         if causal:
             nq, nk = q1 - q0, k1 - k0
-            mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            own = torch.arange(nq)[:, None] + (nk - nq)  # each query's own key position
+            mask = torch.arange(nk)[None, :] <= own
+            if window is not None:
+                mask = mask & (torch.arange(nk)[None, :] > own - window)
             mask = mask.to(q.device)
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[q0:q1] = oi.squeeze(0).transpose(0, 1)
@@ -62,14 +66,15 @@ class _Reference:
         b = layout.batch
         if layout.kind == "varlen":
             return pad(varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout.cu_seqlens,
-                                        layout.cu_seqlens, scale, call.causal), layout)
+                                        layout.cu_seqlens, scale, call.causal, call.window), layout)
         if layout.kind == "dense":
             cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * call.q_len
-            out = varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), cu, cu, scale, call.causal)
+            out = varlen_reference(unpad(q, layout), unpad(k, layout), unpad(v, layout), cu, cu, scale, call.causal,
+                                   call.window)
             return out.view(b, call.q_len, call.num_heads, call.head_dim)
         if call.q_len > 1:  # the unpadded form the torch backend's varlen kernel receives
             out = varlen_reference(unpad(q, layout), unpad_cache_keys(k, layout), unpad_cache_keys(v, layout),
-                                   layout.cu_seqlens, layout.cu_seqlens_k, scale, call.causal)
+                                   layout.cu_seqlens, layout.cu_seqlens_k, scale, call.causal, call.window)
             return pad(out, layout)
         # a decode step: each row's query is the last position before its fill level and sees
         # every valid key before it (any mask pattern)
@@ -80,6 +85,8 @@ class _Reference:
                 layout.key_mask[r, :fill]
             if fill == 0 or not bool(valid[-1]):
                 continue  # a padded query stays zero
+            if call.window is not None:  # the window counts key slots back from the query's
+                valid = valid & (torch.arange(fill, device=q.device) > fill - 1 - call.window)
             keys, values = (x[r, :, :fill][:, valid].transpose(0, 1) for x in (k, v))
             cu_q = torch.tensor([0, 1], dtype=torch.int32)
             cu_k = torch.tensor([0, keys.shape[0]], dtype=torch.int32)

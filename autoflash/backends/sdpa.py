@@ -1,7 +1,8 @@
 """``torch.nn.functional.scaled_dot_product_attention``: runs everywhere (CPU, old GPUs, float32).
 
-Padding and packing are expressed as one dense boolean mask per forward (block-diagonal
-and causal), so packed sequences never attend across their boundaries here either.
+Padding, packing and sliding windows are expressed as one dense boolean mask per forward
+(block-diagonal, causal, banded), so packed sequences never attend across their boundaries
+here either.
 K/V heads are shared through ``enable_gqa`` and, for one-token decode steps, by folding
 the query heads onto their KV head, never by repeating K/V.
 """
@@ -30,9 +31,9 @@ class _Sdpa:
         return []
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
-        if layout.kind == "dense":
+        if layout.kind == "dense" and call.window is None:
             return _sdpa(q, k, v, None, call, scale, is_causal=call.causal).transpose(1, 2)
-        if layout.kind == "cache" and call.q_len == 1:
+        if layout.kind == "cache" and call.q_len == 1 and call.window is None:
             mask = decode_key_mask(layout, q.dtype)
             out = F.scaled_dot_product_attention(fold_gqa_queries(q, call.num_kv_heads), k, v, attn_mask=mask,
                                                  scale=scale)

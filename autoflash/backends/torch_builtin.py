@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from autoflash import tracing
 from autoflash.backends._common import (decode_key_mask, flash_hardware_reasons, fold_gqa_queries, repeat_kv,
-                                        traced_padding_reason, unfold_gqa_output)
+                                        traced_padding_reason, unfold_gqa_output, window_reason)
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -106,7 +106,8 @@ class _TorchBuiltin:
         return []
 
     def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        reasons = self.unavailable_reasons() + flash_hardware_reasons(call) + traced_padding_reason(call)
+        reasons = (self.unavailable_reasons() + flash_hardware_reasons(call) + traced_padding_reason(call)
+                   + window_reason(call))
         if call.kind == "varlen":
             if self._varlen is None:
                 reasons.append(f"padded or packed batch with torch=={torch.__version__} "

@@ -1,8 +1,9 @@
-"""One module per transformers era of the LLaMA code; each knows how to recognise its era.
+"""One module per transformers era of the family modules' code; each knows how to recognise its era.
 
-``select`` asks each era, newest first, whether the imported module has what its patch
-needs (feature detection, not version strings). A module no era recognises is left
-unpatched with one warning that names the transformers version.
+``select`` asks each era that serves the family (``autoflash.families``), newest first,
+whether the imported module has what its patch needs (feature detection, not version
+strings). A module no era recognises is left unpatched with one warning that names the
+transformers version.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from autoflash.patches.base import Patch
 ERAS = (attention_interface, attention_route, attention_classes)
 
 
-def select(module) -> Optional[object]:
+def select(module, family, eras=None) -> Optional[object]:
+    """The era whose patch fits ``module``, among ``eras`` (default: those that serve ``family``)."""
     for era in ERAS:
-        if not era.missing(module):
+        if era.ERA in (family.eras if eras is None else eras) and not era.missing(module, family):
             return era
     return None
 
 
-def why_unsupported(module) -> str:
-    return "; ".join(f"{era.ERA}: {', '.join(era.missing(module))}" for era in ERAS)
+def why_unsupported(module, family) -> str:
+    return "; ".join(f"{era.ERA}: {', '.join(era.missing(module, family))}" for era in ERAS
+                     if era.ERA in family.eras)
 
 
 __all__ = ["ERAS", "Patch", "select", "why_unsupported"]

@@ -39,16 +39,18 @@ ERA = "attention-classes"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
 
 
-def missing(module) -> List[str]:
+def missing(module, family) -> List[str]:
     gaps = []
-    if not isinstance(getattr(module, "LLAMA_ATTENTION_CLASSES", None), dict):
-        gaps.append("no LLAMA_ATTENTION_CLASSES")
-    if not hasattr(module, "LlamaFlashAttention2"):
-        gaps.append("no LlamaFlashAttention2")
+    classes = f"{family.prefix.upper()}_ATTENTION_CLASSES"
+    if not isinstance(getattr(module, classes, None), dict):
+        gaps.append(f"no {classes}")
+    flash_class = family.cls(module, "FlashAttention2")
+    if flash_class is None:
+        gaps.append(f"no {family.prefix}FlashAttention2")
     elif not (callable(getattr(module, "_flash_attention_forward", None))
-              or hasattr(module.LlamaFlashAttention2, "_flash_attention_forward")):
+              or hasattr(flash_class, "_flash_attention_forward")):
         gaps.append("no _flash_attention_forward to route")
-    base = getattr(module, "LlamaPreTrainedModel", None)
+    base = family.cls(module, "PreTrainedModel")
     if base is None or not hasattr(base, "_autoset_attn_implementation"):
         gaps.append("no PreTrainedModel._autoset_attn_implementation")
     return gaps
@@ -128,11 +130,11 @@ def _not_the_float32_cast_notice(record) -> bool:
     return not record.getMessage().startswith("The input hidden states seems to be silently casted in float32")
 
 
-def apply(module) -> Patch:
+def apply(module, family) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
-        route_requests(patch, module.LlamaPreTrainedModel, "flash_attention_2")
-        attention_class = module.LlamaFlashAttention2
+        route_requests(patch, family.cls(module, "PreTrainedModel"), "flash_attention_2")
+        attention_class = family.cls(module, "FlashAttention2")
         original_forward = attention_class.forward
 
         def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
@@ -152,9 +154,9 @@ def apply(module) -> Patch:
             patch.set_attribute(module, "_flash_attention_forward", _module_level)
         else:
             patch.set_attribute(attention_class, "_flash_attention_forward", _method)
-        remove_padding_for_whole_model(patch, module, "flash_attention_2", as_kwargs=False,
+        remove_padding_for_whole_model(patch, module, family, "flash_attention_2", as_kwargs=False,
                                        mask_for_packed_row=False)
-        rotary = getattr(module, "LlamaRotaryEmbedding", None)
+        rotary = family.cls(module, "RotaryEmbedding")
         if rotary is not None and "seq_len" in inspect.signature(rotary.forward).parameters:
             patch.set_attribute(rotary, "forward", _rotary_sized_for_the_batch(rotary.forward))
     except BaseException:

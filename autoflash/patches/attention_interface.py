@@ -31,24 +31,24 @@ ERA = "attention-interface"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
 
 
-def missing(module) -> List[str]:
+def missing(module, family) -> List[str]:
     gaps = []
     try:
         from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
         from transformers.modeling_utils import AttentionInterface  # noqa: F401
     except ImportError as exc:
         gaps.append(f"no AttentionInterface/AttentionMaskInterface ({exc})")
-    if not hasattr(module, "LlamaModel"):
-        gaps.append("no LlamaModel")
-    base = getattr(module, "LlamaPreTrainedModel", None)
+    if family.cls(module, "Model") is None:
+        gaps.append(f"no {family.prefix}Model")
+    base = family.cls(module, "PreTrainedModel")
     if base is None:
-        gaps.append("no LlamaPreTrainedModel")
+        gaps.append(f"no {family.prefix}PreTrainedModel")
     elif not hasattr(base, "_check_and_adjust_attn_implementation"):
         gaps.append("no PreTrainedModel._check_and_adjust_attn_implementation")
     return gaps
 
 
-def apply(module) -> Patch:
+def apply(module, family) -> Patch:
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -56,7 +56,7 @@ def apply(module) -> Patch:
     try:
         patch.set_item(AttentionInterface._global_mapping, ATTENTION_NAME, attention_forward)
         patch.set_item(AttentionMaskInterface._global_mapping, ATTENTION_NAME, mask_function)
-        base = module.LlamaPreTrainedModel
+        base = family.cls(module, "PreTrainedModel")
         original = base._check_and_adjust_attn_implementation
 
         def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
@@ -66,20 +66,22 @@ def apply(module) -> Patch:
 
         _check_and_adjust_attn_implementation.__wrapped__ = original
         patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
-        remove_padding_for_whole_model(patch, module, ATTENTION_NAME)
-        _keep_pickles_portable(patch, module)
+        remove_padding_for_whole_model(patch, module, family, ATTENTION_NAME)
+        _keep_pickles_portable(patch, family.cls(module, "Config"))
     except BaseException:
         patch.undo()
         raise
     return patch
 
 
-def _keep_pickles_portable(patch: Patch, module) -> None:
+def _keep_pickles_portable(patch: Patch, config_class) -> None:
     """A config pickled here (``torch.save(model)``, a process pool) names transformers' own ``sdpa``, not
     ``autoattn``: the process that loads it may not run autoflash, and there ``autoattn`` is a KeyError
     on the first forward. Copies made in this process (``copy.copy``, ``copy.deepcopy``, which transformers
     makes of configs) keep the name."""
-    base = next((c for c in type.mro(module.LlamaConfig) if c.__name__ in ("PreTrainedConfig", "PretrainedConfig")),
+    if config_class is None:
+        return
+    base = next((c for c in type.mro(config_class) if c.__name__ in ("PreTrainedConfig", "PretrainedConfig")),
                 None)
     if base is None or any(name in base.__dict__ for name in ("__getstate__", "__copy__", "__deepcopy__")):
         return  # a release that pickles or copies configs its own way: left alone

@@ -32,17 +32,18 @@ ERA = "attention-route"
 ROUTED_NAME = "flash_attention_2"
 
 
-def missing(module) -> List[str]:
+def missing(module, family) -> List[str]:
     gaps = []
     if getattr(module, "ALL_ATTENTION_FUNCTIONS", None) is None:
-        gaps.append("no ALL_ATTENTION_FUNCTIONS in the LLaMA module")
-    if hasattr(module, "LLAMA_ATTENTION_CLASSES"):
-        gaps.append("LLAMA_ATTENTION_CLASSES still chooses the attention class")
-    base = getattr(module, "LlamaPreTrainedModel", None)
+        gaps.append(f"no ALL_ATTENTION_FUNCTIONS in {module.__name__}")
+    classes = f"{family.prefix.upper()}_ATTENTION_CLASSES"
+    if hasattr(module, classes):
+        gaps.append(f"{classes} still chooses the attention class")
+    base = family.cls(module, "PreTrainedModel")
     if base is None or not hasattr(base, "_autoset_attn_implementation"):
         gaps.append("no PreTrainedModel._autoset_attn_implementation")
-    if not hasattr(module, "LlamaModel"):
-        gaps.append("no LlamaModel")
+    if family.cls(module, "Model") is None:
+        gaps.append(f"no {family.prefix}Model")
     return gaps
 
 
@@ -79,12 +80,13 @@ class _Routed:
         return getattr(self._registry, attribute)
 
 
-def apply(module) -> Patch:
+def apply(module, family) -> Patch:
     patch = Patch(module.__name__, ERA)
     try:
-        route_requests(patch, module.LlamaPreTrainedModel, ROUTED_NAME)
+        route_requests(patch, family.cls(module, "PreTrainedModel"), ROUTED_NAME)
         patch.set_attribute(module, "ALL_ATTENTION_FUNCTIONS", _Routed(module.ALL_ATTENTION_FUNCTIONS))
-        original_forward = module.LlamaAttention.forward
+        attention_class = family.cls(module, "Attention")
+        original_forward = attention_class.forward
 
         def forward(self, *args, **kwargs):
             self._autoflash_cache_position = kwargs.get("cache_position")
@@ -93,10 +95,10 @@ def apply(module) -> Patch:
             finally:
                 self._autoflash_cache_position = None
 
-        patch.set_attribute(module.LlamaAttention, "forward", forward)
+        patch.set_attribute(attention_class, "forward", forward)
         # no all-ones mask for the packed row: this era's model code would scan it (a host sync)
         # and finds no packed sequences by itself anyway
-        remove_padding_for_whole_model(patch, module, ROUTED_NAME, mask_for_packed_row=False,
+        remove_padding_for_whole_model(patch, module, family, ROUTED_NAME, mask_for_packed_row=False,
                                        lost_under_checkpointing=True)
     except BaseException:
         patch.undo()
