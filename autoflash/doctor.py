@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 from autoflash import _startup
-from autoflash.settings import (BACKEND_VARIABLE, DISABLE_VARIABLE, EXCLUDE_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE,
-                                settings)
+from autoflash.settings import (BACKEND_VARIABLE, DISABLE_VARIABLE, EXCLUDE_VARIABLE, FAMILIES_VARIABLE, LOG_VARIABLE,
+                                UNPAD_MODEL_VARIABLE, settings)
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -112,6 +112,7 @@ def status() -> dict:
         and (bool(hooks.patched_modules()) or hooks.state()["hooks_registered"] or _startup._trigger in sys.meta_path),
         "disabled_by_env": settings().disabled,
         "patched": hooks.patched_modules(),
+        "families": hooks.families(),
         "last_error": hooks.state()["last_error"] or hook_problem,
         "settings": settings().as_dict(),
         "startup": startup_files(),
@@ -154,9 +155,11 @@ def report(data: dict) -> str:
     else:
         lines.append(f"  active in this process: {'yes' if data['active'] else 'no'}"
                      + (f"; patched: {', '.join(data['patched'])}" if data["patched"] else
-                        " (patches when transformers' LLaMA module is imported)" if data["active"] else ""))
+                        " (patches each model family's module when it is imported)" if data["active"] else ""))
     if data["last_error"]:
         lines.append(f"  last problem: {data['last_error']}")
+    lines.append("model families:")
+    lines += [f"  {name:<8} {state}" for name, state in data.get("families", {}).items()]
     start = data["startup"]
     lines.append("start-up hook:")
     for f in start["files"] or ["(no autoflash.pth / autoflash.start found)"]:
@@ -164,7 +167,8 @@ def report(data: dict) -> str:
     lines.append(f"  runs in new interpreters: {'yes' if start['will_run'] else 'no'}")
     lines += [f"    - {r}" for r in start["reasons"]]
     lines.append("switches:")
-    for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE, EXCLUDE_VARIABLE):
+    for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE, EXCLUDE_VARIABLE,
+                 FAMILIES_VARIABLE):
         lines.append(f"  {name}={os.environ.get(name, '')!s:<10} -> {data['settings'][name]}")
     removal = data["padding_removal"]
     lines.append("padding removal: " + ("whole model where it changes no answer, else per layer"

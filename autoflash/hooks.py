@@ -50,15 +50,16 @@ def on_import(module) -> None:
             pass
 
 
-def apply(module) -> bool:
-    """Patch one watched module once. Returns whether it is patched now."""
+def apply(module, family=None) -> bool:
+    """Patch one watched module once, as a module of ``family`` (by default the family that watches its
+    name). Returns whether it is patched now."""
     with _lock:
         name = module.__name__
         if name in _applied:
             return True
         if settings().disabled or _state["user_disabled"]:
             return False
-        family = BY_MODULE[name]
+        family = family or BY_MODULE[name]
         if family.name not in settings().families:
             _left_alone[name] = f"left out by {FAMILIES_VARIABLE}"
             return False
