@@ -6,16 +6,15 @@ attention function (once per layer). From here on a call is plain data: a ``Layo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
 import torch
 
-from autoflash import dispatch, tracing
-from autoflash.backends import BY_NAME
-from autoflash.backends._common import allowed_keys
+from autoflash import dispatch, families, tracing
 from autoflash.call import AttentionCall, capability_of
-from autoflash.layout import FORWARD_LAYOUT, pad_key_mask, plan_for, plan_traced
+from autoflash.layout import FORWARD_LAYOUT, allowed_keys, pad_key_mask, plan_for, plan_traced
 from autoflash.settings import logger
 
 # The name autoflash registers under. It must not contain "flash": transformers treats
@@ -88,7 +87,7 @@ class PackedRow:
             num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
             kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
             needs_grad=needs_grad)
-        self.backend = BY_NAME[dispatch.pick(self.call, device)]
+        self.backend = dispatch.backend(dispatch.pick(self.call, device))
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -189,7 +188,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     call, name = _decided(layout, module, query, key, value, dropout, is_causal,
                           _binding_window(kwargs, layout, key))
     scale = scaling if scaling is not None else call.head_dim ** -0.5
-    out = BY_NAME[name].run(query, key, value, layout, call, scale)
+    out = dispatch.backend(name).run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
@@ -289,9 +288,10 @@ def _eager_with_weights(module, query, key, value, attention_mask, dropout, scal
         additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
     else:
         additive = allowed
+    # the calling model's own eager attention; LLaMA's (the family every other one follows) where it has none
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+        eager = importlib.import_module(families.FAMILIES[0].module).eager_attention_forward
     kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids", FORWARD_LAYOUT)}
     return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
 

@@ -107,6 +107,11 @@ def choose(call: AttentionCall) -> Decision:
     return decision
 
 
+def backend(name: str):
+    """The backend object ``pick`` named: the one way the rest of autoflash reaches a kernel."""
+    return backends.BY_NAME[name]
+
+
 def pick(call: AttentionCall, device) -> str:
     """The name of the backend that serves ``call``: ``choose``, or for a call being traced by
     torch.compile or torch.export, ``choose`` run once at trace time.

@@ -309,3 +309,48 @@ def unpad_cache_keys(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     b, h, _, d = x.shape
     keys = x[:, :, :layout.kv_used].transpose(1, 2).reshape(b * layout.kv_used, h, d)
     return keys if layout.key_indices is None else keys.index_select(0, layout.key_indices)
+
+
+# -- the dense mask of a layout ----------------------------------------------------------------------
+
+def allowed_keys(layout: Layout, call, device) -> torch.Tensor:
+    """(batch, 1, q_len, kv_len) bool: which key each query may attend to, for kernels that take a dense mask
+    (and for eager attention where weights are asked for). ``call``: the ``AttentionCall`` (its causal flag,
+    lengths and window).
+
+    Rows with no allowed key (padded queries) are opened to every key so that softmax stays
+    finite; their outputs are zeroed afterwards by ``zero_padded_queries``. A sliding window
+    counts key slots back from the query's, as transformers' masks do. Built once per
+    forward (kept on the layout).
+    """
+    key = ("allowed", call.causal, call.q_len, call.kv_len, call.window, str(device))
+    if key not in layout.derived:
+        layout.derived[key] = _allowed_keys(layout, call, device)
+    return layout.derived[key]
+
+
+def _allowed_keys(layout: Layout, call, device) -> torch.Tensor:
+    q_len, kv_len = call.q_len, call.kv_len
+    q_pos = torch.arange(q_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    if layout.kind == "cache":
+        end = layout.cache_seqlens.long()  # every cache layout knows its fill levels
+        last_key = end[:, None] - q_len + q_pos[None, :]  # bottom-right aligned causal
+        allowed = k_pos[None, None, :] <= last_key[:, :, None] if call.causal else \
+            (k_pos[None, None, :] < end[:, None, None]).expand(-1, q_len, -1)
+        if call.window is not None:
+            allowed = allowed & (k_pos[None, None, :] > last_key[:, :, None] - call.window)
+        if layout.key_mask is not None:
+            allowed = allowed & layout.key_mask[:, None, :]
+    else:
+        if layout.kind in ("varlen", "masked"):
+            seg = layout.segment_ids
+            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        else:
+            allowed = torch.ones(layout.batch, q_len, kv_len, dtype=torch.bool, device=device)
+        if call.causal:
+            allowed = allowed & (k_pos[None, None, :] <= q_pos[None, :, None])
+        if call.window is not None:
+            allowed = allowed & (k_pos[None, None, :] > q_pos[None, :, None] - call.window)
+    empty = ~allowed.any(-1, keepdim=True)
+    return (allowed | empty).unsqueeze(1)

@@ -120,11 +120,11 @@ def test_packed_row_without_padding_needs_no_gather():
 
 
 def test_dense_mask_for_masked_kernels_is_built_once_per_forward(monkeypatch):
-    from autoflash.backends import _common
+    from autoflash import layout
 
     built = []
-    original = _common._allowed_keys
-    monkeypatch.setattr(_common, "_allowed_keys", lambda *a: built.append(1) or original(*a))
+    original = layout._allowed_keys
+    monkeypatch.setattr(layout, "_allowed_keys", lambda *a: built.append(1) or original(*a))
     fast, _ = model_pair(seed=1, num_hidden_layers=4)
     fast.eval()
     mask = padding_mask([5, 2, 4], "left")

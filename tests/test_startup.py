@@ -142,7 +142,7 @@ def test_start_up_survives_transformers_not_installed(tmp_path):
 def test_a_patch_that_raises_leaves_the_model_unpatched_with_one_warning():
     result = run_python(f"""
         import autoflash.patches
-        def broken(module):
+        def broken(module, family):
             raise RuntimeError("simulated patch failure")
         for era in autoflash.patches.ERAS:
             era.apply = broken

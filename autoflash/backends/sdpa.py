@@ -13,10 +13,10 @@ from typing import List
 
 import torch.nn.functional as F
 
-from autoflash.backends._common import (allowed_keys, decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output,
+from autoflash.backends._common import (decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output,
                                         zero_padded_queries)
 from autoflash.call import AttentionCall
-from autoflash.layout import Layout
+from autoflash.layout import Layout, allowed_keys
 
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
