@@ -67,8 +67,8 @@ def apply(module, family=None) -> bool:
 
         era = patches.select(module, family)
         if era is None:
-            if patches.select(module, family, eras=[e.ERA for e in patches.ERAS]) is not None:
-                # a release autoflash knows, for another family: transformers' own attention serves it
+            if patches.predates_family(module, family):
+                # a release older than the family's eras: transformers' own attention serves it
                 version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
                 _left_alone[name] = f"{family.name} is patched from {served_from(family)}; this is {version}"
                 logger.info("autoflash: %s", _left_alone[name])

@@ -12,9 +12,10 @@ The padded ``logits`` are built only if the caller reads them (``out.logits``,
 ``out.loss.backward()`` never allocates them. Padded positions then hold the LM head of
 zero hidden states.
 
-The one answer this cannot reproduce is a loss term predicted *from* a padding position
-(a label that is not -100 right after padding: the first real token of a left-padded row,
-../shared/FINDINGS.md item 4); such a batch runs on the per-layer path, padded as eager.
+A loss term predicted *from* a padding position (a label that is not -100 right after padding:
+the first real token of a left-padded row, ../shared/FINDINGS.md item 4) has no real token
+to come from: such a batch gets transformers' own LM head and loss over the padded layout, whose
+padded positions hold zeros (as on every path); the decoder still runs on the packed row.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 
 from autoflash import tracing, unpad_model
 from autoflash.layout import pack, scatter
+from autoflash.settings import logger
 
 _IGNORE = -100
+_logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
 # the model's arguments that the causal LM names itself; the rest of its **kwargs go to the loss too
@@ -51,8 +54,8 @@ def wrap(original, lm_class, family, attention_name, boundaries: unpad_model.Bou
             # traced where padding stays: logits and loss as transformers computes them
             return original(self, *args, **kwargs)
         if not unpad_model.is_model_class(self, lm_class):  # its own code may depend on the padded layout
-            return _keeping_padding(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
-                                          "autoflash does not know", original, args, kwargs)
+            return _padded_logits(self, f"{type(self).__qualname__} is a subclass of {lm_class.__name__} "
+                                        "autoflash does not know", original, args, kwargs)
         if kwargs.get("labels") is None and not args:  # decode steps and forwards without labels: no binding
             return original(self, *args, **kwargs)
         try:
@@ -84,7 +87,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, arg
     if reason is None and _compiled_on_its_own(getattr(module, "model", None)):
         reason = "the decoder (model.model) is compiled on its own"
     if reason is not None:
-        return _keeping_padding(module, reason, original, args, kwargs)
+        return _padded_logits(module, reason, original, args, kwargs)
 
     device = mask.device
     shift_labels = call.get("shift_labels")
@@ -98,16 +101,15 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, arg
                               extra_check=predicted_from_padding)
     model_kwargs = {k: v for k, v in call.items() if k not in _LM_ONLY}
     if layout.extra_check:
-        return _keeping_padding(module, "a label predicted from a padding position is not -100 (set it to -100 "
-                                        "to keep the saving)", original, args, kwargs)
+        return _padded_logits(module, "a label predicted from a padding position is not -100 (set it to -100 "
+                                      "to keep the saving)", original, args, kwargs)
     if layout.kind == "varlen" and layout.total == 0:
-        return _keeping_padding(module, "no real token in the batch (every position is padding)", original, args,
-                                kwargs)
+        return _padded_logits(module, "no real token in the batch (every position is padding)", original, args,
+                              kwargs)
     tuple_wanted = unpad_model.wants_tuple(module, call)
     model_kwargs["return_dict"] = True
 
-    out = unpad_model.run_with_handoff(module.model, unpad_model.Handoff(plan=layout, packed_output=True),
-                                       module.model, **model_kwargs)
+    out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
     hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
     logits = module.lm_head(hidden)
     loss = _loss(module, logits, pack(shift_labels, layout), call)
@@ -117,15 +119,20 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, arg
 
 
 def _compiled_on_its_own(decoder) -> bool:
-    # torch.compile(model.model) or model.model.compile(): its trace may not read the handoff below
+    # torch.compile(model.model) or model.model.compile(): a plan passed in would be an input its trace
+    # specialises on (a recompilation per batch); the decoder plans for itself instead
     return decoder is not None and (getattr(decoder, "_compiled_call_impl", None) is not None
                                     or type(decoder).__name__ == "OptimizedModule")
 
 
-def _keeping_padding(module, reason, original, args, kwargs):
-    """The original forward, its decoder (``module.model``) told to keep the padded layout (and why)."""
-    return unpad_model.run_with_handoff(getattr(module, "model", None), unpad_model.Handoff(keep_padding=reason),
-                                        original, module, *args, **kwargs)
+def _padded_logits(module, reason, original, args, kwargs):
+    """transformers' own forward: logits and loss over the padded layout. Its decoder still decides for
+    itself whether the layers run on the packed row: the hidden states it returns are the same either way
+    (padded positions hold zeros on every path)."""
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.debug("autoflash: logits and loss on the padded layout: %s", reason)
+    return original(module, *args, **kwargs)
 
 
 def _loss(module, logits, shift_labels, call):

@@ -27,8 +27,8 @@ where the call brought none.
 
 from __future__ import annotations
 
+import contextvars
 import functools
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,40 +44,36 @@ WHOLE_MODEL = "whole-model"
 PER_LAYER = "per-layer"
 
 
-class _ThreadState(threading.local):
-    generating = 0  # depth of generate() calls on this thread
-    handoff = None  # (decoder, Handoff) set by packed_loss for the model call it makes next
-    boundaries = None  # (packed length, cu_seq_lens kwargs, padded width) while a packed forward runs
-    last = None  # (path, reason) of the last decoder forward that had padding to remove
+# The keyword by which packed_loss hands the decoder the plan it made (one host sync for the plan and
+# the label check together) and asks for the packed row back: both wrappers are autoflash's own, so
+# the keyword never reaches transformers.
+PLAN_KEYWORD = "autoflash_plan"
 
-
-_thread = _ThreadState()
+# State of the forward in progress, for the eras whose model code passes nothing on to attention.
+# Context variables, read and written only outside traced code (``tracing.is_tracing()`` is checked
+# first, and torch.compile folds it to a constant): a traced program holds none of it.
+# depth of generate() calls
+_generating = contextvars.ContextVar("autoflash_generating", default=0)
+# (packed length, cu_seq_lens kwargs, padded width) while a packed row runs
+_published = contextvars.ContextVar("autoflash_published", default=None)
+# (path, reason) of the last padded forward
+_last = contextvars.ContextVar("autoflash_last_path", default=None)
 _logged = set()
 
 
-class Handoff:
-    """What ``packed_loss`` decided before calling the model: its plan, or why padding stays."""
-
-    def __init__(self, plan: Optional[Layout] = None, keep_padding: Optional[str] = None, packed_output=False):
-        self.plan, self.keep_padding, self.packed_output = plan, keep_padding, packed_output
-
-
 def last_decision() -> Optional[dict]:
-    """The path the last padded forward on this thread took, and why: for tests, ``status()`` and doctor."""
-    if _thread.last is None:
+    """The path the last padded forward in this thread (context) took, and why: for tests, ``status()``
+    and doctor."""
+    last = _last.get()
+    if last is None:
         return None
-    path, reason = _thread.last
+    path, reason = last
     return {"path": path, "reason": reason}
 
 
-# No traced program reads the thread state: what is only read or written outside a trace checks
-# ``tracing.is_tracing()`` (which torch.compile folds to a constant), the record of the path runs
-# once at trace time, and the handoff between packed_loss and this module, needed by a plain
-# torch.compile of a padded batch (a trace that may break), is its one explicit graph break.
-
 @torch.compiler.assume_constant_result  # a compiled program's path is recorded when it is traced
 def record(path: str, reason: Optional[str]) -> None:
-    _thread.last = (path, reason)
+    _last.set((path, reason))
     if reason is not None and reason not in _logged:
         _logged.add(reason)
         logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)
@@ -94,7 +90,7 @@ def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
     """
     if tracing.is_tracing():
         return None
-    published = _thread.boundaries
+    published = _published.get()
     if published is None or batch != 1 or q_len != published[0]:
         return None
     return published[1]
@@ -111,7 +107,7 @@ def padded_width(seq_len) -> Optional[int]:
     """
     if tracing.is_tracing():
         return None
-    published = _thread.boundaries
+    published = _published.get()
     if published is None or seq_len != published[0]:
         return None
     return published[2]
@@ -150,7 +146,7 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
         return f"{type(module).__qualname__} is a subclass of {model_class.__name__} autoflash does not know"
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return "the attention mask is not a 2-D key-padding mask"
-    if _generating():
+    if _generating_now():
         return "the call comes from generate(), which decodes from the cache it fills"
     if kwargs.get("cu_seq_lens_q") is not None:
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
@@ -265,15 +261,11 @@ def wrap(original, model_class, family, attention_name, boundaries: Boundaries =
                                                  "torch.compile keeps its padding; attention masks it")
             return original(self, input_ids, attention_mask, position_ids, *args,
                             **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
-        handoff = _take_handoff(self)
+        given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if attention_mask is not None and source is not None and runs_autoflash(self, attention_name):
-            check_mask_shape(source, attention_mask, kwargs)
-        if handoff is not None and handoff.keep_padding is not None:
-            if attention_mask is not None:
-                record(PER_LAYER, handoff.keep_padding)
-            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
-        if handoff is None:
+        if given is None:
+            if source is not None and attention_mask is not None and runs_autoflash(self, attention_name):
+                check_mask_shape(source, attention_mask, kwargs)
             if source is not None and source.shape[1] * source.shape[0] == 0 and runs_autoflash(self, attention_name):
                 return empty_batch(original, self, input_ids, attention_mask, position_ids, args, kwargs, source)
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
@@ -286,15 +278,14 @@ def wrap(original, model_class, family, attention_name, boundaries: Boundaries =
                 record(PER_LAYER, reason)
                 return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         batch, length = source.shape[:2]
-        layout = handoff.plan if handoff is not None else \
-            plan(attention_mask, position_ids, batch, length, source.device)
+        layout = given if given is not None else plan(attention_mask, position_ids, batch, length, source.device)
         if layout.kind == "varlen" and layout.total == 0:
             record(PER_LAYER, "no real token in the batch (every position is padding)")
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
         record(WHOLE_MODEL, None)
         tuple_wanted = wants_tuple(self, kwargs)
         out = packed_forward(original, self, input_ids, position_ids, {**kwargs, "return_dict": True}, layout,
-                             boundaries, packed_output=handoff is not None and handoff.packed_output)
+                             boundaries, packed_output=given is not None)
         return out.to_tuple() if tuple_wanted else out
 
     forward.__wrapped__ = original
@@ -324,58 +315,20 @@ def per_layer(original, module, input_ids, attention_mask, position_ids, args, k
     return out.to_tuple() if tuple_wanted else out
 
 
-def run_with_handoff(model, handoff: Handoff, function, *args, **kwargs):
-    """Run ``function``, in which ``model`` (a family's decoder, ``<Family>Model``) is called once with a decision already made.
-
-    The model is still called through its ``__call__``, so hooks on it (accelerate's device
-    placement, PEFT) run as usual.
-    """
-    _set_handoff((model, handoff))
-    try:
-        return function(*args, **kwargs)
-    finally:
-        _set_handoff(None)
-
-
-@torch.compiler.disable
-def _set_handoff(value) -> None:
-    _thread.handoff = value
-
-
-def _set_boundaries(value) -> None:
-    _thread.boundaries = value
-
-
-def _generating() -> bool:
+def _generating_now() -> bool:
     # A traced forward does not ask: in the eras that trace whole, generate() passes its cache in, and
     # a packed prefill's cache is returned in the padded layout anyway (repad_cache).
-    return not tracing.is_tracing() and _thread.generating > 0
-
-
-@torch.compiler.disable  # see above: a plain torch.compile of a padded batch breaks here, by design
-def _take_handoff(model) -> Optional[Handoff]:
-    pending = _thread.handoff
-    if pending is None or pending[0] is not model:
-        return None
-    _thread.handoff = None
-    return pending[1]
-
-
-class Generating:
-    """Marks generate() calls on this thread: their first forward fills the cache they decode from."""
-
-    def __enter__(self):
-        _thread.generating += 1
-
-    def __exit__(self, *exc):
-        _thread.generating -= 1
+    return not tracing.is_tracing() and _generating.get() > 0
 
 
 def wrap_generate(original):
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
-        with Generating():
+        token = _generating.set(_generating.get() + 1)  # its first forward fills the cache it decodes from
+        try:
             return original(self, *args, **kwargs)
+        finally:
+            _generating.reset(token)
 
     generate.__wrapped__ = original
     return generate
@@ -413,14 +366,13 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, ho
         # (gradients decide nothing for a varlen call: the record only says whether they are on)
         row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
         kwargs["autoflash_packed_row"] = row
-    if publish:
-        _set_boundaries((packed_positions.shape[1], boundaries, length))
+    token = _published.set((packed_positions.shape[1], boundaries, length)) if publish else None
     try:
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
     finally:
-        if publish:
-            _set_boundaries(None)
+        if token is not None:
+            _published.reset(token)
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)

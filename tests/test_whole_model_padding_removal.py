@@ -37,7 +37,7 @@ CASES = {
 def _layer_inputs(model):
     """Shapes of what the first decoder layer receives, appended per forward."""
     shapes = []
-    model.model.layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    getattr(model, "model", model).layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
     return shapes
 
 
@@ -259,12 +259,21 @@ def _assert_per_layer(shapes, batch, width, reason_part):
     assert shapes[0] == (batch, width, 64)  # the layers ran on the padded batch
 
 
-def test_a_label_predicted_from_padding_takes_the_per_layer_path():
+def test_a_label_predicted_from_padding_gets_logits_and_loss_over_the_padded_layout():
+    """Such a target has no real token to come from: transformers' own LM head and loss count it, over the
+    padded hidden states (zeros at padding, as on every path), while the layers still run on the packed row.
+    The loss is the one the per-layer path gives."""
     fast, eager, mask, ids = _padded_batch()
     shapes = _layer_inputs(fast)
     labels = ids.masked_fill(mask == 0, -100)  # the first real token of each left-padded row still counts
-    fast(input_ids=ids, attention_mask=mask, labels=labels)
-    _assert_per_layer(shapes, 3, 8, "predicted from a padding position")
+    out = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    assert last_path() == "whole-model" and shapes[0] == (1, 16, 64)  # 8 + 3 + 5 real tokens
+    assert out.logits.shape == (3, 8, 97)
+    with whole_model_padding_removal(False):
+        per_layer = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    assert shapes[1] == (3, 8, 64)
+    assert abs(out.loss.item() - per_layer.loss.item()) <= FLOAT32_RTOL * abs(per_layer.loss.item())
+    assert relative_error(out.logits, per_layer.logits) < FLOAT32_RTOL
 
 
 def test_a_cache_passed_in_takes_the_per_layer_path():
@@ -303,7 +312,9 @@ def test_output_attentions_takes_the_per_layer_path():
     _assert_per_layer(shapes, 3, 8, "output_attentions")
 
 
-def test_an_unknown_model_subclass_takes_the_per_layer_path():
+def test_an_unknown_causal_lm_subclass_runs_its_own_forward_on_the_padded_layout():
+    """Its own code may read the padded layout: it gets transformers' forward, LM head and loss, equal to
+    eager's; the decoder inside it, a class autoflash knows, still runs on the packed row."""
     from transformers import LlamaForCausalLM
 
     class ChattyLlama(LlamaForCausalLM):
@@ -311,9 +322,28 @@ def test_an_unknown_model_subclass_takes_the_per_layer_path():
 
     _, eager, mask, ids = _padded_batch()
     model = ChattyLlama(tiny_config())
+    model.load_state_dict(eager.state_dict())
     shapes = _layer_inputs(model)
-    model(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
-    _assert_per_layer(shapes, 3, 8, "ChattyLlama")
+    labels = labels_for(ids, mask)
+    out, reference = model(input_ids=ids, attention_mask=mask, labels=labels), \
+        eager(input_ids=ids, attention_mask=mask, labels=labels)
+    assert type(out).__name__ == "CausalLMOutputWithPast" and not hasattr(out, "_autoflash_build_logits")
+    assert abs(out.loss.item() - reference.loss.item()) <= FLOAT32_RTOL * abs(reference.loss.item())
+    assert relative_error(out.logits[mask.bool()], reference.logits[mask.bool()]) < FLOAT32_RTOL
+    assert last_path() == "whole-model" and shapes[0] == (1, 16, 64)
+
+
+def test_an_unknown_decoder_subclass_takes_the_per_layer_path():
+    from transformers import LlamaModel
+
+    class ChattyDecoder(LlamaModel):
+        pass
+
+    _, eager, mask, ids = _padded_batch()
+    decoder = ChattyDecoder(tiny_config())
+    shapes = _layer_inputs(decoder)
+    decoder(input_ids=ids, attention_mask=mask)
+    _assert_per_layer(shapes, 3, 8, "ChattyDecoder")
 
 
 def test_switch_off_keeps_only_the_per_layer_path_and_doctor_says_so():

@@ -16,12 +16,18 @@ from autoflash.patches.base import Patch
 ERAS = (attention_interface, attention_route, attention_classes)
 
 
-def select(module, family, eras=None) -> Optional[object]:
-    """The era whose patch fits ``module``, among ``eras`` (default: those that serve ``family``)."""
+def select(module, family) -> Optional[object]:
+    """The era whose patch fits ``module``, among those that serve ``family``."""
     for era in ERAS:
-        if era.ERA in (family.eras if eras is None else eras) and not era.missing(module, family):
+        if era.ERA in family.eras and not era.missing(module, family):
             return era
     return None
+
+
+def predates_family(module, family) -> bool:
+    """Whether ``module`` comes from a release older than every era that serves ``family`` (a release
+    autoflash leaves alone for that family, rather than one it does not recognise)."""
+    return all(era.predates(module) for era in ERAS if era.ERA in family.eras)
 
 
 def why_unsupported(module, family) -> str:

@@ -39,6 +39,10 @@ ERA = "attention-classes"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
 
 
+def predates(module) -> bool:
+    return False  # the oldest era autoflash knows: an older release is an unknown one
+
+
 def missing(module, family) -> List[str]:
     gaps = []
     classes = f"{family.prefix.upper()}_ATTENTION_CLASSES"
@@ -140,7 +144,10 @@ def apply(module, family) -> Patch:
         def forward(self, hidden_states, attention_mask=None, position_ids=None, *args, **kwargs):
             if kwargs.get("output_attentions") or (len(args) > 1 and args[1] is True):
                 _warn_no_weights()
-            self._autoflash_position_ids = position_ids  # 4.37-4.42 do not pass them on
+            # 4.37-4.42 pass neither position ids nor keywords on to the kernel call: the one attribute
+            # autoflash sets on a transformers module (a context variable would break a torch.compile
+            # trace in every layer; dynamo cannot trace ContextVar.set)
+            self._autoflash_position_ids = position_ids
             try:
                 return original_forward(self, hidden_states, attention_mask, position_ids, *args, **kwargs)
             finally:

@@ -31,6 +31,15 @@ ERA = "attention-interface"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
 
 
+def predates(module) -> bool:
+    """A release older than this era (no mask-function registry): not an unknown one."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
 def missing(module, family) -> List[str]:
     gaps = []
     try:

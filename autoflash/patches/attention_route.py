@@ -8,8 +8,9 @@ attention function in the LLaMA module alone: ``modeling_llama.ALL_ATTENTION_FUN
 ``flash_attention_2`` with autoflash and everything else as before. Other model families
 keep transformers' flash-attention.
 
-``LlamaAttention.forward`` is wrapped only to hand the cache positions over: with a static
-cache and no padding mask they are the one record of how far the cache is filled.
+``LlamaAttention.forward`` is wrapped only to hand the cache positions over (as a keyword its
+``**kwargs`` pass on to attention): with a static cache and no padding mask they are the one
+record of how far the cache is filled.
 
 Models that asked for no implementation, ``sdpa`` or ``flash_attention_2`` get that name
 without transformers' check for the flash-attn package (``_autoset_attn_implementation``);
@@ -30,6 +31,12 @@ from autoflash.patches.whole_model import remove_padding_for_whole_model
 
 ERA = "attention-route"
 ROUTED_NAME = "flash_attention_2"
+CACHE_POSITION = "autoflash_cache_position"
+
+
+def predates(module) -> bool:
+    """A release older than this era (its model code imports no attention registry)."""
+    return getattr(module, "ALL_ATTENTION_FUNCTIONS", None) is None
 
 
 def missing(module, family) -> List[str]:
@@ -51,8 +58,8 @@ def _routed_attention(module, query, key, value, attention_mask, **kwargs):
     # Without a mask function, nothing tells autoflash how much of a static cache is filled
     # (transformers passes no mask when there is no padding): the cache positions, which
     # LlamaAttention.forward receives but does not pass on, say it.
+    positions = kwargs.pop(CACHE_POSITION, None)
     if attention_mask is None and key.shape[2] > query.shape[2]:
-        positions = getattr(module, "_autoflash_cache_position", None)
         if positions is not None:
             attention_mask = mask_function(query.shape[0], query.shape[2], key.shape[2], cache_position=positions)
     # dropped under gradient checkpointing in these releases (a decode step is never a packed row)
@@ -89,11 +96,11 @@ def apply(module, family) -> Patch:
         original_forward = attention_class.forward
 
         def forward(self, *args, **kwargs):
-            self._autoflash_cache_position = kwargs.get("cache_position")
-            try:
-                return original_forward(self, *args, **kwargs)
-            finally:
-                self._autoflash_cache_position = None
+            # this era's attention forward passes its **kwargs on to the attention function: the cache
+            # positions ride along under a name of autoflash's own (for autoflash's function only)
+            if self.config._attn_implementation == ROUTED_NAME:
+                kwargs[CACHE_POSITION] = kwargs.get("cache_position")
+            return original_forward(self, *args, **kwargs)
 
         patch.set_attribute(attention_class, "forward", forward)
         # no all-ones mask for the packed row: this era's model code would scan it (a host sync)
