@@ -74,16 +74,26 @@ def sizes(smoke: bool) -> dict:
                 long_lengths=[4096, 8192, 16384, 32768, 65536, 131072], device="cuda", dtype=torch.bfloat16)
 
 
-def build_model(s):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# --family: the model built at the same sizes (Qwen2's config adds q/k/v biases by default)
+FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+FAMILY = "llama"
 
-    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                         num_key_value_heads=s["kv_heads"], rope_theta=500000.0, max_position_embeddings=262144,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+def build_model(s):
+    import transformers
+
+    config_name, model_name = FAMILY_MODELS[FAMILY]
+    extra = {"sliding_window": None} if FAMILY == "mistral" else {}  # LLaMA's attention: no window
+    if FAMILY == "qwen3":
+        extra["head_dim"] = s["hidden"] // s["heads"]
+    config = getattr(transformers, config_name)(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], rope_theta=500000.0,
+        max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     torch.manual_seed(0)
     with torch.device(s["device"]):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_name)(config)
     return model.to(s["dtype"])
 
 
@@ -547,7 +557,8 @@ def _competitor_lines(rows, header, cells):
 
 
 def table(workload, result) -> str:
-    lines = [f"== {workload} =="]
+    family = (result.get("environment") or {}).get("family", "llama")
+    lines = [f"== {workload} ==" + ("" if family == "llama" else f" ({family}-shaped model, same sizes)")]
     if workload in ("w1", "w1packed"):
         add_ratios(result["rows"], "tokens_per_s")
         lines.append(f"real tokens {result['real_tokens']}, padded grid {result['padded_tokens']}, "
@@ -595,14 +606,15 @@ def run_one(workload: str, smoke: bool, out: Path) -> None:
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
     result = {"w1": lambda: run_training(s, packed=False), "w1packed": lambda: run_training(s, packed=True),
               "w2": lambda: run_decoding(s), "w3": lambda: run_kernels(s), "w4": lambda: run_long(s)}[workload]()
-    result["environment"] = environment(s)
+    result["environment"] = dict(environment(s), family=FAMILY)
     text = table(workload, result)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{workload}.json").write_text(json.dumps(result, indent=1, default=str))
+    name = workload if FAMILY == "llama" else f"{workload}-{FAMILY}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
     print(text)
     from plots import plot
 
-    print(plot(workload, result, out / f"{workload}.png"))
+    print(plot(workload, result, out / f"{name}.png"))
 
 
 def environment(s) -> dict:
@@ -627,16 +639,20 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind")
     parser.add_argument("--decode-batch", type=int, action="append", help="w2: batch sizes (default: 16 and 1)")
     parser.add_argument("--decode-mode", action="append", choices=list(DECODE_MODES), help="w2: modes (default: all)")
+    parser.add_argument("--family", choices=list(FAMILY_MODELS), default="llama",
+                        help="w1/w1packed/w2: the model family built at the same sizes (default: llama)")
     args = parser.parse_args(argv)
-    global PROFILE, DECODE_BATCHES, DECODE_MODES_RUN
+    global PROFILE, DECODE_BATCHES, DECODE_MODES_RUN, FAMILY
     PROFILE = args.profile
+    FAMILY = args.family
     DECODE_BATCHES, DECODE_MODES_RUN = args.decode_batch, args.decode_mode
     if args.workload != "all":
         run_one(args.workload, args.smoke, args.out)
         return 0
     failed = []
     for workload in WORKLOADS:  # one process each: no allocator state or compiled graph carries over
-        command = [sys.executable, __file__, workload, "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
+        command = [sys.executable, __file__, workload, "--out", str(args.out), "--family", FAMILY] + \
+            (["--smoke"] if args.smoke else [])
         if subprocess.run(command).returncode:
             failed.append(workload)
     if failed:

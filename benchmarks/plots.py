@@ -34,7 +34,8 @@ def _pyplot():
 def _caption(result) -> str:
     env = result.get("environment") or {}
     flash_attn = (env.get("flash-attn") or "-").split("+")[0]
-    parts = [(env.get("gpu") or "").replace("NVIDIA ", ""), f"torch {(env.get('torch') or '').split('+')[0]}",
+    parts = ([f"{env['family']}-shaped model"] if env.get("family", "llama") != "llama" else []) + \
+        [(env.get("gpu") or "").replace("NVIDIA ", ""), f"torch {(env.get('torch') or '').split('+')[0]}",
              f"transformers {env.get('transformers')}", f"flash-attn {flash_attn}", env.get("date")]
     return ", ".join(p for p in parts if p)
 

@@ -19,3 +19,15 @@ def test_every_workload_runs_in_smoke_mode_and_writes_json(tmp_path):
     w1 = json.loads((tmp_path / "w1.json").read_text())
     ran = {r["competitor"] for r in w1["rows"] if "skipped" not in r}
     assert {"eager", "sdpa", "autoflash", "autoflash-torch"} <= ran
+
+
+def test_a_family_other_than_llama_runs_at_the_same_sizes(tmp_path):
+    """``--family qwen2``: the model #13's GPU figures are measured on (q/k/v biases), written beside LLaMA's."""
+    result = subprocess.run([sys.executable, str(BENCH), "w1", "--smoke", "--family", "qwen2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "w1-qwen2.json").read_text())
+    assert data["environment"]["family"] == "qwen2" and data["rows"]
+    assert "== w1 == (qwen2-shaped model, same sizes)" in result.stdout
+    ran = {r["competitor"] for r in data["rows"] if "skipped" not in r}
+    assert {"eager", "sdpa", "autoflash"} <= ran
