@@ -6,7 +6,12 @@ spawned ranks with no code change (the .pth line arms it there)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +81,46 @@ def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, cas
         update, reference_update = job["state"][name] - before[name], reference - before[name]
         difference = (update.double() - reference_update.double()).norm()
         assert difference <= FLOAT32_RTOL * max(reference_update.double().norm(), 1e-12), name
+
+
+def _torchrun(script, *args, tmp_path):
+    """Two ranks started by torchrun (the CPU build: gloo), as a job script would be; their output."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), *args], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_every_rank_started_by_torchrun_patches_on_import_and_names_its_rank(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import json\n"
+                      "import transformers.models.llama.modeling_llama  # the job's first import of LLaMA's code\n"
+                      "import autoflash\n"
+                      "status = autoflash.status()\n"
+                      "print(json.dumps({k: status[k] for k in ('rank', 'active', 'patched')}))\n")
+    reports = [json.loads(line) for line in _torchrun(script, tmp_path=tmp_path).splitlines() if line.startswith("{")]
+    assert sorted(r["rank"]["rank"] for r in reports) == [0, 1]
+    assert all(r["rank"]["world_size"] == 2 and r["active"] for r in reports)
+    assert all(r["patched"] == ["transformers.models.llama.modeling_llama"] for r in reports)
+
+
+def test_the_trainer_under_torchrun_takes_the_single_process_step(tmp_path):
+    """The HF Trainer on two ranks (each padding its own batch to its own width, num_items_in_batch counted
+    across ranks) updates the weights as one process does on the whole batch with eager attention."""
+    import _trainer_worker
+
+    try:
+        from transformers import TrainingArguments
+
+        TrainingArguments(output_dir=str(tmp_path), average_tokens_across_devices=True, use_cpu=True)
+    except TypeError as exc:
+        pytest.skip(f"this transformers' Trainer has no average_tokens_across_devices ({exc})")
+    _torchrun(Path(_trainer_worker.__file__), str(tmp_path), tmp_path=tmp_path)
+    job = torch.load(tmp_path / "rank0.pt")
+    single = _trainer_worker.train(str(tmp_path / "single"), per_device_batch=8, attention="eager")
+    assert job["path"]["path"] == "whole-model", job["path"]
+    for name, reference in single["update"].items():
+        difference = (job["update"][name].double() - reference.double()).norm()
+        assert difference <= FLOAT32_RTOL * max(reference.double().norm(), 1e-12), name
