@@ -62,6 +62,10 @@ def _train(rank: int, world: int, mode: str, case: str) -> dict:
     from autoflash import unpad_model
 
     model = build()
+    mode, _, extra = mode.partition("+")
+    if extra == "checkpointing":  # transformers 4.48-4.5x drop the packed row's keywords here (published instead)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:

@@ -69,7 +69,7 @@ def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, cas
 
     if not hasattr(LlamaForCausalLM, "loss_function"):
         pytest.skip("num_items_in_batch (the Trainer's token averaging across ranks) needs transformers >= 4.46")
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         _fsdp2_or_skip()
     out_path = tmp_path / "rank0.pt"
     _spawn(worker.step, (2, str(tmp_path / "rendezvous"), mode, case, str(out_path)), monkeypatch)
@@ -81,6 +81,11 @@ def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, cas
         update, reference_update = job["state"][name] - before[name], reference - before[name]
         difference = (update.double() - reference_update.double()).norm()
         assert difference <= FLOAT32_RTOL * max(reference_update.double().norm(), 1e-12), name
+
+
+@pytest.mark.parametrize("mode", ["ddp+checkpointing", "fsdp2+checkpointing"])
+def test_gradient_checkpointing_on_two_ranks_takes_the_single_process_step(tmp_path, monkeypatch, mode):
+    test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
 
 
 def _torchrun(script, *args, tmp_path):
@@ -111,6 +116,7 @@ def test_the_trainer_under_torchrun_takes_the_single_process_step(tmp_path):
     across ranks) updates the weights as one process does on the whole batch with eager attention."""
     import _trainer_worker
 
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
     try:
         from transformers import TrainingArguments
 
