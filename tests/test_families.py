@@ -272,3 +272,22 @@ def test_importing_every_family_module_says_nothing_at_warning_level():
     states = json.loads(result.stdout.strip().splitlines()[-1])
     assert states["llama"].startswith("patched")
     assert all(s.startswith(("patched", "not patched: ", "watched")) for s in states.values()), states
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_a_fullgraph_compiled_padded_forward_with_a_window_matches_eager(name):
+    """Traced, the window is a field of the call record fixed at trace time, and the padding a mask."""
+    fast, eager = family_pair(name, **{**WINDOWS[name], "sliding_window": 4})
+    if patch_era() != families.INTERFACE_ERA:
+        pytest.skip("traced calls are covered on transformers >= ~4.56 (see test_tracing.py)")
+    ids, mask, _ = _batch([12, 5, 9], ["left", "right", "left"], seed=6)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out = torch.compile(fast.eval().forward, fullgraph=True, backend="eager")(input_ids=ids,
+                                                                                       attention_mask=mask)
+            reference = eager.eval()(input_ids=ids, attention_mask=mask)
+    finally:
+        torch._dynamo.reset()
+    real = mask.bool()
+    assert relative_error(out.logits[real], reference.logits[real]) < FLOAT32_RTOL
