@@ -23,7 +23,6 @@ class Family:
     module: str  # the transformers module whose import is watched
     prefix: str  # its classes are <prefix>Model, <prefix>ForCausalLM, <prefix>PreTrainedModel, ...
     eras: Tuple[str, ...]  # the patch eras (autoflash/patches/) that serve it
-    differs_by: str  # what its attention does beyond LLaMA's, for doctor and the docs
     has_window: bool = False  # whether its attention applies config.sliding_window
 
     def cls(self, module, suffix: str):
@@ -47,15 +46,15 @@ class Family:
 
 
 FAMILIES = (
-    Family("llama", "transformers.models.llama.modeling_llama", "Llama", ALL_ERAS, "nothing (the reference)"),
-    # InternVL 2.5/3's language models
-    Family("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2", (INTERFACE_ERA,),
-           "q/k/v biases; a sliding window on some layers where use_sliding_window is set", has_window=True),
-    Family("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3", (INTERFACE_ERA,),
-           "per-head RMS norm of q and k; a sliding window on some layers where use_sliding_window is set",
-           has_window=True),
-    Family("mistral", "transformers.models.mistral.modeling_mistral", "Mistral", (INTERFACE_ERA,),
-           "a sliding window on every layer where sliding_window is set", has_window=True),
+    # the reference: every other family is LLaMA's attention up to the differences noted
+    Family("llama", "transformers.models.llama.modeling_llama", "Llama", ALL_ERAS),
+    # InternVL 2.5/3's language models. q/k/v biases (nothing for attention to do); a window on the
+    # layers from max_window_layers where use_sliding_window is set
+    Family("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2", (INTERFACE_ERA,), has_window=True),
+    # per-head RMS norm of q and k (before attention: nothing for it to do); windows as Qwen2's
+    Family("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3", (INTERFACE_ERA,), has_window=True),
+    # a window on every layer where sliding_window is set
+    Family("mistral", "transformers.models.mistral.modeling_mistral", "Mistral", (INTERFACE_ERA,), has_window=True),
 )
 BY_NAME = {f.name: f for f in FAMILIES}
 BY_MODULE = {f.module: f for f in FAMILIES}
