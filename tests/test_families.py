@@ -15,8 +15,8 @@ import torch
 
 import autoflash
 from autoflash import dispatch, families, hooks
-from conftest import (FLOAT32_RTOL, TINY, cache_keyword, dynamic_cache, labels_for, last_path, patch_era,
-                      relative_error, static_cache_or_skip, train_step, worst_gradient_error)
+from conftest import (FLOAT32_RTOL, TINY, cache_keyword, dynamic_cache, expected_attention_name, labels_for,
+                      last_path, patch_era, relative_error, static_cache_or_skip, train_step, worst_gradient_error)
 
 # family -> (config class, causal-LM class, what its config needs to show what sets it apart)
 SUBJECTS = {
@@ -58,7 +58,7 @@ def family_pair(name, seed=0, **overrides):
     eager_config._attn_implementation = "eager"
     eager = model_class(eager_config)
     eager.load_state_dict(fast.state_dict())
-    assert fast.config._attn_implementation == "autoattn", "the family's model did not get autoflash"
+    assert fast.config._attn_implementation == expected_attention_name(), "the family's model did not get autoflash"
     return fast, eager
 
 
