@@ -90,10 +90,15 @@ def test_gradient_checkpointing_on_two_ranks_takes_the_single_process_step(tmp_p
 
 def _torchrun(script, *args, tmp_path):
     """Two ranks started by torchrun (the CPU build: gloo), as a job script would be; their output."""
+    import socket
+
+    with socket.socket() as probe:  # a free port on the loopback device (a container's host name may not route)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(Path(__file__).parent)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), *args], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                             "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), *args],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
