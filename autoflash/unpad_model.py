@@ -20,9 +20,9 @@ row is returned in the padded layout, equal to eager's at real positions.
 How the sequence boundaries reach attention: transformers >= 4.48 passes the keyword
 arguments ``cu_seq_lens_q/k`` and ``max_length_q/k`` from the decoder's forward
 (``LlamaModel.forward``) to the attention function (4.48-4.5x drop them under gradient
-checkpointing); 4.37-4.47 pass nothing on. So the boundaries are also published for the duration of the forward
-(``packed_boundaries``), and the attention entry points of the older eras read them
-where the call brought none.
+checkpointing); 4.37-4.47 pass nothing on. So the boundaries are also published for the
+duration of the forward (``packed_boundaries``), and the attention entry points of the
+older eras read them where the call brought none.
 """
 
 from __future__ import annotations

@@ -220,7 +220,8 @@ def test_disable_restores_every_familys_originals_and_enable_patches_them_again(
     try:
         for name, module in modules.items():
             assert family_of[name].cls(module, "Model").forward is wrapped[name].__wrapped__
-            assert "_check_and_adjust_attn_implementation" not in family_of[name].cls(module, "PreTrainedModel").__dict__
+            base = family_of[name].cls(module, "PreTrainedModel")
+            assert "_check_and_adjust_attn_implementation" not in base.__dict__
         from transformers.modeling_utils import AttentionInterface
 
         assert "autoattn" not in AttentionInterface._global_mapping

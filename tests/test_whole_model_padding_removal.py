@@ -37,7 +37,8 @@ CASES = {
 def _layer_inputs(model):
     """Shapes of what the first decoder layer receives, appended per forward."""
     shapes = []
-    getattr(model, "model", model).layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    decoder = getattr(model, "model", model)  # a causal LM's decoder, or the decoder itself
+    decoder.layers[0].register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
     return shapes
 
 
