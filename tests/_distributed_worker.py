@@ -71,15 +71,21 @@ def _train(rank: int, world: int, mode: str, case: str) -> dict:
     else:
         from torch.distributed.fsdp import fully_shard
 
+        sharding = {}
+        if extra == "bf16":  # FSDP2's mixed precision: bf16 compute, float32 gradient reduction
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            sharding["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
+            fully_shard(layer, **sharding)
+        wrapped = fully_shard(model, **sharding)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     ids, mask, labels = batches(case)[rank]
     # the Trainer's average_tokens_across_devices: every rank divides by the job's count of targets and
     # scales by the world size, since DDP and FSDP average the gradients
     items = sum(targets(b[2]) for b in batches(case))
-    out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(mode, extra) == ("ddp", "bf16")):
+        out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
     (out.loss * world).backward()
     optimizer.step()
     path = unpad_model.last_decision()
