@@ -135,12 +135,19 @@ def is_model_class(module, model_class) -> bool:
             and bases[0].__module__.startswith("torch.distributed") and "forward" not in cls.__dict__)
 
 
+@torch.compiler.assume_constant_result
+def _whole_model_allowed() -> bool:
+    # read at trace time (dynamo would trace the settings' lru_cache wrapper and its logger set-up: three
+    # graph breaks per forward); a compiled program keeps the switch as it was when traced
+    return settings().unpad_model
+
+
 def why_keep_padding(module, model_class, family, attention_mask, kwargs, attention_name) -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
     # decode steps (a cache passed in) are the most frequent calls: answered first
     if _cache_passed(kwargs):
         return "a KV cache was passed in"
-    if not settings().unpad_model:
+    if not _whole_model_allowed():
         return f"{UNPAD_MODEL_VARIABLE}=0"
     if not is_model_class(module, model_class):
         return f"{type(module).__qualname__} is a subclass of {model_class.__name__} autoflash does not know"

@@ -84,6 +84,12 @@ def _train(rank: int, world: int, mode: str, case: str) -> dict:
     # the Trainer's average_tokens_across_devices: every rank divides by the job's count of targets and
     # scales by the world size, since DDP and FSDP average the gradients
     items = sum(targets(b[2]) for b in batches(case))
+    if extra == "compile":  # dynamo's capture is under test: its graphs run as captured
+        from torch import _dynamo
+
+        _dynamo.reset()
+        _dynamo.utils.counters.clear()
+        wrapped = torch.compile(wrapped, backend="eager")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=(mode, extra) == ("ddp", "bf16")):
         out = wrapped(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
     (out.loss * world).backward()
@@ -91,6 +97,10 @@ def _train(rank: int, world: int, mode: str, case: str) -> dict:
     path = unpad_model.last_decision()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)  # the job's loss: the sum over ranks of each rank's share
+    if extra == "compile":
+        from torch import _dynamo
+
+        path = dict(path, graph_breaks=sum(_dynamo.utils.counters["graph_break"].values()))
     paths = [None] * world
     dist.all_gather_object(paths, path)
     state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()

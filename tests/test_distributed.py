@@ -89,6 +89,16 @@ def test_gradient_checkpointing_on_two_ranks_takes_the_single_process_step(tmp_p
     test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
 
 
+@pytest.mark.parametrize("mode", ["ddp+compile", "fsdp2+compile"])
+def test_the_compiled_sharded_model_takes_the_single_process_step_with_the_same_graphs_on_every_rank(
+        tmp_path, monkeypatch, mode):
+    """torch.compile of the wrapped model: ranks whose batches differ in width and real tokens capture the
+    same graphs (a rank-dependent graph would put collectives out of step)."""
+    test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
+    breaks = [p["graph_breaks"] for p in torch.load(tmp_path / "rank0.pt")["paths"]]
+    assert breaks[0] == breaks[1], breaks
+
+
 @pytest.mark.parametrize("mode", ["ddp+bf16", "fsdp2+bf16"])
 def test_mixed_precision_on_two_ranks_is_within_eager_bf16_error_of_the_float32_step(tmp_path, monkeypatch, mode):
     """bf16 autocast under DDP, FSDP2's MixedPrecisionPolicy (bf16 compute, float32 reduction): the job's
