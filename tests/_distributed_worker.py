@@ -100,7 +100,7 @@ def _train(rank: int, world: int, mode: str, case: str) -> dict:
     if extra == "compile":
         from torch import _dynamo
 
-        path = dict(path, graph_breaks=sum(_dynamo.utils.counters["graph_break"].values()))
+        path = dict(path or {"path": None}, graph_breaks=sum(_dynamo.utils.counters["graph_break"].values()))
     paths = [None] * world
     dist.all_gather_object(paths, path)
     state = {name: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()

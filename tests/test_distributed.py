@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import _distributed_worker as worker
-from conftest import FLOAT32_RTOL
+from conftest import FLOAT32_RTOL, legacy_era
 
 
 def _concatenated(case):
@@ -66,6 +66,10 @@ def _fsdp2_or_skip():
 @pytest.mark.parametrize("case", ["different widths", "one real row"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, case):
+    _two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, case)
+
+
+def _two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, case, path="whole-model"):
     from transformers import LlamaForCausalLM
 
     if not hasattr(LlamaForCausalLM, "loss_function"):
@@ -76,7 +80,7 @@ def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, cas
     _spawn(worker.step, (2, str(tmp_path / "rendezvous"), mode, case, str(out_path)), monkeypatch)
     job = torch.load(out_path)
     loss, before, after = _single_process_step(case)
-    assert [p["path"] for p in job["paths"]] == ["whole-model", "whole-model"], job["paths"]
+    assert [p["path"] for p in job["paths"]] == [path, path], job["paths"]
     assert abs(job["loss"].item() - loss.item()) <= FLOAT32_RTOL * abs(loss.item())
     for name, reference in after.items():
         update, reference_update = job["state"][name] - before[name], reference - before[name]
@@ -86,7 +90,7 @@ def test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, cas
 
 @pytest.mark.parametrize("mode", ["ddp+checkpointing", "fsdp2+checkpointing"])
 def test_gradient_checkpointing_on_two_ranks_takes_the_single_process_step(tmp_path, monkeypatch, mode):
-    test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
+    _two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
 
 
 @pytest.mark.parametrize("mode", ["ddp+compile", "fsdp2+compile"])
@@ -94,7 +98,10 @@ def test_the_compiled_sharded_model_takes_the_single_process_step_with_the_same_
         tmp_path, monkeypatch, mode):
     """torch.compile of the wrapped model: ranks whose batches differ in width and real tokens capture the
     same graphs (a rank-dependent graph would put collectives out of step)."""
-    test_two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths")
+    # transformers < 4.48 pass attention no keywords: a traced forward keeps its padding there (no path
+    # recorded), as the README's era notes say
+    _two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, "different widths",
+                                            path=None if legacy_era() else "whole-model")
     breaks = [p["graph_breaks"] for p in torch.load(tmp_path / "rank0.pt")["paths"]]
     assert breaks[0] == breaks[1], breaks
 
