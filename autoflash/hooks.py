@@ -138,9 +138,10 @@ def families() -> Dict[str, str]:
                 out[family.name] = f"not patched: {_left_alone[family.module]}"
             elif family.name not in settings().families:
                 out[family.name] = f"not watched: left out by {FAMILIES_VARIABLE}"
+            elif family.module in sys.modules:
+                out[family.name] = "imported, not patched"
             else:
-                out[family.name] = "watched (not imported yet)" if family.module not in sys.modules else "imported, " \
-                    "not patched"
+                out[family.name] = "watched (not imported yet)"
         return out
 
 

@@ -153,9 +153,8 @@ def _loss(module, logits, shift_labels, call):
 # -- the output, with padded logits built on first use ---------------------------------------------
 
 # Reached only where a trace may break (fullgraph compiles and exports keep transformers' own output:
-# see wrap); dynamo cannot build this output class (four graph breaks at the end of every compiled
-# forward: findings 54), and one explicit break costs less.
-@torch.compiler.disable
+# see wrap). dynamo breaks the graph here, at the end of the forward (findings 54); no compiler
+# directive hides that: traced code holds no Python state of autoflash's own.
 def _output(model_out, loss, build_logits):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
