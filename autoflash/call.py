@@ -30,6 +30,9 @@ class AttentionCall:
     # transformers' sliding window where it binds (some sequence is longer): a query at position i
     # sees keys i - window + 1 .. i. None: no window, or one no sequence reaches past
     window: Optional[int] = None
+    # a call being traced by torch.compile or torch.export (dispatch decides it once, at trace time):
+    # only kernels that trace may serve it
+    traced: bool = False
 
     @property
     def gqa_ratio(self) -> int:
@@ -41,7 +44,7 @@ class AttentionCall:
                 + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
                 + (f" dropout={self.dropout}" if self.dropout else "")
                 + (f" sliding_window={self.window}" if self.window is not None else "")
-                + (" grad" if self.needs_grad else ""))
+                + (" grad" if self.needs_grad else "") + (" traced" if self.traced else ""))
 
 
 @functools.lru_cache(maxsize=None)

@@ -140,7 +140,7 @@ def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_
     call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
                          causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,
-                         cache_keys_contiguous=cache_keys_contiguous, window=window)
+                         cache_keys_contiguous=cache_keys_contiguous, window=window, traced=True)
     name = choose(call).backend
     tracing.note(f"traced {kind}", f"{call.describe()} -> {name}")
     return name
@@ -189,7 +189,7 @@ def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
     the GPU, a missing package; the reasons say which). A CPU call runs SDPA by design, a traced padded
     call and a cache whose key mask has holes by necessity, a sliding window because no flash kernel here
     applies one yet, and a flash kernel serving is no fallback worth a word: those are logged at INFO."""
-    if call.device_type != "cuda" or decision.backend in ("flash_attn", "torch") or call.window is not None:
+    if call.device_type != "cuda" or decision.backend in backends.FLASH_KERNELS or call.window is not None:
         return False
     return call.kind != "masked" and not (call.kind == "cache" and not call.cache_keys_contiguous)
 

@@ -118,7 +118,7 @@ def status() -> dict:
         "startup": startup_files(),
         "versions": {"python": sys.version.split()[0], "torch": _version("torch"),
                      "transformers": _version("transformers"), "flash-attn": _version("flash-attn") or
-                     _version("flash_attn"), "wrapt": _version("wrapt")},
+                     _version("flash_attn"), "flash-attn-4": _version("flash-attn-4"), "wrapt": _version("wrapt")},
         "gpu": gpu,
         "rank": _rank(),
         "padding_removal": {"whole_model": settings().unpad_model, "last": None},
@@ -128,7 +128,7 @@ def status() -> dict:
     }
     if torch_problem:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
-                              for n in ("flash_attn", "torch", "sdpa")]
+                              for n in ("flash_attn_4", "flash_attn", "torch", "sdpa")]
         return result
     from autoflash import backends, dispatch, tracing, unpad_model
 
@@ -137,7 +137,10 @@ def status() -> dict:
 
     for backend in backends.AUTO_ORDER:
         reasons = backend.unavailable_reasons()
-        result["backends"].append({"name": backend.name, "available": not reasons, "reasons": reasons})
+        entry = {"name": backend.name, "available": not reasons, "reasons": reasons}
+        if not reasons and hasattr(backend, "details"):  # what a backend adds: FlashAttention-4's compilations
+            entry.update(backend.details())
+        result["backends"].append(entry)
     for label, call in _example_calls(gpu).items():
         try:
             result["choices"][label] = dispatch.describe_choice(call)
@@ -186,6 +189,9 @@ def report(data: dict) -> str:
     for b in data["backends"]:
         lines.append(f"  {b['name']:<11} {'available' if b['available'] else 'unavailable'}")
         lines += [f"      - {r}" for r in b["reasons"]]
+        if "disk_cache" in b:
+            lines.append(f"      kernel cache on disk: {b['disk_cache']}")
+        lines += [f"      compiled in this process: {what} ({seconds} s)" for what, seconds in b.get("compiled", {}).items()]
     for label, choice in data["choices"].items():
         lines.append(f"{label}: {choice['call']}")
         lines.append(f"  -> {choice['backend'] or 'no backend: ' + choice.get('error', '')}")

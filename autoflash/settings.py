@@ -16,9 +16,9 @@ BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
 UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
 EXCLUDE_VARIABLE = "AUTOFLASH_EXCLUDE"
-EXCLUDE_CHOICES = ("flash_attn", "torch")
+EXCLUDE_CHOICES = ("flash_attn_4", "flash_attn", "torch")
 FAMILIES_VARIABLE = "AUTOFLASH_FAMILIES"
-BACKEND_CHOICES = ("auto", "flash_attn", "torch", "sdpa")
+BACKEND_CHOICES = ("auto", "flash_attn_4", "flash_attn", "torch", "sdpa")
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 logger = logging.getLogger("autoflash")

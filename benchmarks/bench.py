@@ -7,8 +7,9 @@ and the same data:
     eager                 transformers' eager attention
     sdpa                  transformers' own sdpa (autoflash switched off while the model is set up)
     flash_attention_2     transformers' flash-attn integration (needs the flash-attn package)
-    autoflash             autoflash, every backend available (flash-attn first where installed)
-    autoflash-torch       autoflash with flash-attn hidden: PyTorch's built-in kernels only
+    autoflash             autoflash, every backend available (FlashAttention-4, then flash-attn, where installed)
+    autoflash-fa2         autoflash with FlashAttention-4 hidden (a row only where it is installed)
+    autoflash-torch       autoflash with both flash-attn packages hidden: PyTorch's built-in kernels only
 
 and in W1 also (training):
 
@@ -27,7 +28,8 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
                tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
                CUDA graphs) and by the user's torch.compile(mode="reduce-overhead"); uncompiled modes time
                the competitors interleaved, round after round (the host drifts)
-    w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence
+    w3         attention kernels alone: causal, hd 128, 32/8 heads, 16k tokens at 1k..16k per sequence, and
+               W1's lengths packed (varlen); bare kernels and autoflash's backends (their run(), layout included)
     w4         longest single sequence (powers of two) that trains one step
 
 Prints a table per workload and writes ``OUT/<workload>.json`` and ``OUT/<workload>.png``.
@@ -49,13 +51,13 @@ from pathlib import Path
 
 import torch
 
-COMPETITORS = ["eager", "sdpa", "flash_attention_2", "autoflash", "autoflash-torch"]
+COMPETITORS = ["eager", "sdpa", "flash_attention_2", "autoflash", "autoflash-fa2", "autoflash-torch"]
 # W1 adds: autoflash with padding removed per layer only (AUTOFLASH_UNPAD_MODEL=0), autoflash in
 # the unchanged loop (use_cache left at its default), and the best a transformers user can do
 # today: the same tokens packed padding-free by the caller, run with flash_attention_2.
 PADDING_FREE_FA2 = "fa2 padding-free"
-TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "autoflash", "autoflash-per-layer",
-                        "autoflash-cache-on", "autoflash-torch", "autoflash-torch-per-layer"]
+TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "autoflash", "autoflash-fa2",
+                        "autoflash-per-layer", "autoflash-cache-on", "autoflash-torch", "autoflash-torch-per-layer"]
 WORKLOADS = ["w1", "w1packed", "w2", "w3", "w4"]
 DECODE_BATCHES = DECODE_MODES_RUN = None  # w2: --decode-batch / --decode-mode
 
@@ -104,6 +106,11 @@ def available(competitor: str) -> str | None:
             import flash_attn  # noqa: F401
         except Exception as exc:  # noqa: BLE001
             return f"flash-attn not importable ({type(exc).__name__})"
+    if competitor == "autoflash-fa2":
+        from autoflash import backends
+
+        if backends.FLASH_ATTN_4.unavailable_reasons():
+            return "FlashAttention-4 not available: this row equals autoflash's"
     return None
 
 
@@ -132,7 +139,9 @@ def competing_as(model, competitor: str):
     else:
         model.set_attn_implementation("autoattn")
         if competitor.startswith("autoflash-torch"):
-            exclusion = dispatch.excluded("flash_attn")
+            exclusion = dispatch.excluded("flash_attn_4", "flash_attn")
+        elif competitor == "autoflash-fa2":
+            exclusion = dispatch.excluded("flash_attn_4")
     dispatch.clear_cache()
     try:
         with exclusion:
@@ -465,6 +474,35 @@ def kernel_functions(device):
     return fns
 
 
+def autoflash_kernel_functions(device):
+    """name -> fn(q, k, v, lengths) through autoflash's own backends (their run(), with a varlen layout of
+    ``lengths`` packed in one row: what the whole-model path hands them), for those that can serve here."""
+    from autoflash import backends, dispatch
+    from autoflash.call import AttentionCall, capability_of
+    from autoflash.layout import Layout
+
+    fns = {}
+    for name in ("flash_attn_4", "flash_attn", "torch"):
+        backend = dispatch.backend(name)
+
+        def fn(q, k, v, lengths, backend=backend):
+            total = sum(lengths)
+            cu = torch.tensor([0] + lengths, device=q.device).cumsum(0).to(torch.int32)
+            layout = Layout(kind="varlen", batch=1, q_len=total, kv_len=total, cu_seqlens=cu, max_seqlen=max(lengths),
+                            total=total)
+            call = AttentionCall(kind="varlen", device_type=q.device.type, capability=capability_of(q.device),
+                                 dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[2], num_kv_heads=k.shape[2],
+                                 q_len=total, kv_len=total, dropout=0.0, causal=True, needs_grad=q.requires_grad)
+            why = backend.reasons_not_supported(call)
+            if why:
+                raise RuntimeError("; ".join(why))
+            return backend.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, call,
+                               q.shape[-1] ** -0.5)
+
+        fns[f"autoflash {name} (varlen)"] = fn
+    return fns
+
+
 def run_kernels(s):
     device, dtype = s["device"], s["dtype"]
     heads, kv_heads, dim = s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
@@ -487,6 +525,26 @@ def run_kernels(s):
                                  fwd_bwd_tflops=3.5 * flops / both / 1e12))
             except Exception as exc:  # noqa: BLE001
                 rows.append(dict(kernel=name, length=length, skipped=f"{type(exc).__name__}: {str(exc)[:80]}"))
+    # through autoflash's backends, packed in one row: equal lengths as above, then W1's lengths
+    shapes = [(n, [n] * max(1, s["kernel_tokens"] // n)) for n in s["kernel_lengths"]]
+    shapes.append(("W1 lengths", lengths_for(s)))
+    for name, fn in autoflash_kernel_functions(device).items():
+        for label, lengths in shapes:
+            total = sum(lengths)
+            q = torch.randn(1, total, heads, dim, device=device, dtype=dtype, requires_grad=True)
+            k = torch.randn(1, total, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+            v = torch.randn(1, total, kv_heads, dim, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(1, total, heads, dim, device=device, dtype=dtype)
+            flops = sum(4 * heads * dim * n * n / 2 for n in lengths)
+            try:
+                for _ in range(3):
+                    fn(q, k, v, lengths).backward(grad)
+                forward = statistics.median([timed(lambda: fn(q, k, v, lengths), device) for _ in range(10)])
+                both = statistics.median([timed(lambda: fn(q, k, v, lengths).backward(grad), device) for _ in range(10)])
+                rows.append(dict(kernel=name, length=label, batch=len(lengths), fwd_tflops=flops / forward / 1e12,
+                                 fwd_bwd_tflops=3.5 * flops / both / 1e12))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(dict(kernel=name, length=label, skipped=f"{type(exc).__name__}: {str(exc)[:100]}"))
     return dict(matmul_peak_tflops=peak, rows=rows)
 
 
@@ -580,14 +638,16 @@ def table(workload, result) -> str:
                                            lambda r: f"{r['tokens_per_s']:>10.0f}{r['first_call_s']:>11.2f}")
     elif workload == "w3":
         lines.append(f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s; TFLOP/s forward / forward+backward")
-        lines.append(f"{'kernel':<30}" + "".join(f"{r['length']:>14}" for r in result["rows"]
-                                                  if r["kernel"] == result["rows"][0]["kernel"]))
+        header = None
         for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
-            cells = []
-            for r in result["rows"]:
-                if r["kernel"] == kernel:
-                    cells.append("skipped" if "skipped" in r else f"{r['fwd_tflops']:.0f}/{r['fwd_bwd_tflops']:.0f}")
-            lines.append(f"{kernel:<30}" + "".join(f"{c:>14}" for c in cells))
+            mine = [r for r in result["rows"] if r["kernel"] == kernel]
+            if header != [r["length"] for r in mine]:  # bare kernels by length, autoflash's backends by shape
+                header = [r["length"] for r in mine]
+                lines.append(f"{'kernel':<34}" + "".join(f"{h:>14}" for h in header))
+            cells = ["skipped" if "skipped" in r else f"{r['fwd_tflops']:.0f}/{r['fwd_bwd_tflops']:.0f}" for r in mine]
+            lines.append(f"{kernel:<34}" + "".join(f"{c:>14}" for c in cells))
+        for reason in dict.fromkeys(f"{r['kernel']}: {r['skipped']}" for r in result["rows"] if "skipped" in r):
+            lines.append(f"  skipped {reason}")
     else:
         lines.append(f"{'competitor':<18}{'longest':>10}  tried (length, peak GiB)")
         for r in result["rows"]:
@@ -628,6 +688,7 @@ def environment(s) -> dict:
 
     return {"gpu": torch.cuda.get_device_name(0) if s["device"] == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": version("transformers"), "flash-attn": version("flash-attn") or version("flash_attn"),
+            "flash-attn-4": version("flash-attn-4"),
             "date": time.strftime("%Y-%m-%d")}
 
 

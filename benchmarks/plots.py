@@ -99,7 +99,8 @@ def _decoding(plt, result, title):
 def _kernels(plt, result, title):
     fig, ax = plt.subplots(figsize=(8, 4))
     for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["kernel"] == kernel and "skipped" not in r]
+        rows = [r for r in result["rows"]  # (W1's packed lengths are a row of the table, not a point here)
+                if r["kernel"] == kernel and "skipped" not in r and isinstance(r["length"], (int, float))]
         ax.plot([r["length"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], marker="o", label=kernel,
                 linewidth=2.5 if "autoflash" in kernel else 1.2)
     ax.set_xscale("log", base=2)

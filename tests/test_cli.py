@@ -24,7 +24,7 @@ def test_doctor_json_is_the_status_dict():
     data = json.loads(_cli("doctor", "--json").stdout)
     assert {"active", "disabled_by_env", "patched", "backends", "versions", "gpu", "startup", "choices"} <= set(data)
     training = data["choices"]["training (padded batch, LLaMA-3-8B heads)"]
-    assert training["backend"] in ("flash_attn", "torch", "sdpa")
+    assert training["backend"] in ("flash_attn_4", "flash_attn", "torch", "sdpa")
     assert all(r["reasons"] for r in training["refused"])
 
 

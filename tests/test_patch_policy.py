@@ -188,9 +188,9 @@ def test_status_is_json_serialisable_and_complete(llama):
     assert data["active"] is True and data["disabled_by_env"] is False
     assert llama.__name__ in data["patched"]
     assert data["families"]["llama"].startswith("patched")
-    assert [b["name"] for b in data["backends"]] == ["flash_attn", "torch", "sdpa"]
+    assert [b["name"] for b in data["backends"]] == ["flash_attn_4", "flash_attn", "torch", "sdpa"]
     assert all({"name", "available", "reasons"} <= set(b) for b in data["backends"])
-    assert {"torch", "transformers", "flash-attn", "wrapt"} <= set(data["versions"])
+    assert {"torch", "transformers", "flash-attn", "flash-attn-4", "wrapt"} <= set(data["versions"])
     assert "gpu" in data
 
 

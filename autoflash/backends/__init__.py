@@ -10,9 +10,11 @@ Reasons are short lowercase strings in one form, ``what=got (supported: ...)``.
 """
 
 from autoflash.backends.flash_attn import FLASH_ATTN
+from autoflash.backends.flash_attn_4 import FLASH_ATTN_4
 from autoflash.backends.reference import REFERENCE
 from autoflash.backends.sdpa import SDPA
 from autoflash.backends.torch_builtin import TORCH
 
-AUTO_ORDER = (FLASH_ATTN, TORCH, SDPA)
-BY_NAME = {b.name: b for b in (FLASH_ATTN, TORCH, SDPA, REFERENCE)}
+AUTO_ORDER = (FLASH_ATTN_4, FLASH_ATTN, TORCH, SDPA)
+BY_NAME = {b.name: b for b in (FLASH_ATTN_4, FLASH_ATTN, TORCH, SDPA, REFERENCE)}
+FLASH_KERNELS = ("flash_attn_4", "flash_attn", "torch")  # serving a call with one of these is no fallback

@@ -61,6 +61,9 @@ class _FlashAttn:
             import flash_attn
         except Exception as exc:  # noqa: BLE001 - a broken build raises anything from OSError to RuntimeError
             return None, f"flash-attn is not importable ({type(exc).__name__}: {exc}; pip install autoflash[flash-attn])"
+        if getattr(flash_attn, "__file__", None) is None:
+            # a namespace package: only flash-attn-4's flash_attn/cute is installed, not flash-attn 2 itself
+            return None, "flash-attn (FlashAttention-2) is not installed (pip install autoflash[flash-attn])"
         version = getattr(flash_attn, "__version__", "0")
         if not version.startswith("2."):
             return None, f"flash-attn=={version} (supported: 2.x)"

@@ -1,9 +1,13 @@
 """Every GPU path in bf16 and fp16 against a float32 eager reference (skipped without CUDA).
 
-Run on the GPU machine, once without and once with the flash-attn wheel:
+Run on the GPU machine, once without and once with the flash-attn wheel (and FlashAttention-4,
+installed after it: ../shared/FINDINGS.md items 14-15):
 
     python -m pytest -q tests/gpu
     pip install --no-deps --no-index .whl/flash_attn-*.whl && python -m pytest -q tests/gpu
+
+FlashAttention-4 serves training and prefill, not decode steps or traced calls: it is forced in
+the training, packed and prefill cases and reaches generation through "auto".
 
 How a half-precision path is judged (../shared/FINDINGS.md item 5): transformers' own eager
 attention in bf16 is already ~1e-2 away from float32 on these models, so a path passes when
@@ -25,6 +29,8 @@ from conftest import (dynamic_cache, labels_for, last_path, legacy_era, model_pa
 
 HALF = [torch.bfloat16, torch.float16]
 BACKENDS = ["auto", "torch", "sdpa"] + (["flash_attn"] if not backends.FLASH_ATTN.unavailable_reasons() else [])
+FA4 = not backends.FLASH_ATTN_4.unavailable_reasons()
+TRAINING_BACKENDS = BACKENDS + (["flash_attn_4"] if FA4 else [])
 SHAPES = {  # head_dim 64 and 128, GQA 4:1 and 2:1
     "hd64": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2),
     "hd128": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2),
@@ -50,7 +56,7 @@ def _case(lengths, side, packed=False):
 
 
 @pytest.mark.parametrize("stack", ["whole-model", "per-layer"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 1]), ("left", [64, 255, 3, 200]),
@@ -79,7 +85,7 @@ def test_training_step_half_precision_matches_float32_eager(stack, backend, dtyp
     assert _within_floor(gerr, gfloor), f"gradients {gerr:.2e} vs eager-{dtype} floor {gfloor:.2e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TRAINING_BACKENDS)
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_packed_rows_with_padding_half_precision(backend, dtype):
     fast, eager_half, eager32 = _models("hd128", dtype, seed=9)
@@ -164,6 +170,37 @@ def _assert_first_16_or_near_tie(tokens, expected, scores, same):
         scale = finite.pow(2).mean().sqrt().item()
         assert margin <= 4e-2 * scale, (f"token {same} of row {row} differs from eager's, which was ahead by "
                                         f"{margin:.3g} (logit scale {scale:.3g}): not a near-tie")
+
+
+@pytest.mark.skipif(not FA4, reason="FlashAttention-4 not available here")
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_flash_attention_4_prefill_into_a_cache_matches_float32_eager(dtype):
+    fast, eager_half, eager32 = _models("hd128", dtype, seed=5)
+    fast.eval(), eager_half.eval(), eager32.eval()
+    ids, mask = _case([37, 5, 120, 64], "left")
+    with torch.no_grad():
+        with dispatch.forced("flash_attn_4"):
+            logits = fast(input_ids=ids, attention_mask=mask, past_key_values=dynamic_cache(fast.config),
+                          use_cache=True).logits
+        used = dispatch.last_decisions["cache"]
+        ref = eager32(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        half = eager_half(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    err, floor = relative_error(logits[real].float(), ref[real]), relative_error(half[real].float(), ref[real])
+    RESULTS.append((f"prefill left {str(dtype)[6:]}", used.backend, err, floor, float("nan"), float("nan")))
+    assert used.backend == "flash_attn_4"
+    assert _within_floor(err, floor), f"prefill logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
+
+
+@pytest.mark.skipif(not FA4, reason="FlashAttention-4 not available here")
+def test_flash_attention_4_times_its_first_forward_and_backward_per_configuration():
+    fast, _, _ = _models("hd64", torch.bfloat16, seed=6)
+    ids, mask = _case([90, 31, 64], "right")
+    with dispatch.forced("flash_attn_4"):
+        train_step(fast, input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    compiled = backends.FLASH_ATTN_4.compiled
+    assert {"forward bfloat16 head_dim=64 causal varlen", "backward bfloat16 head_dim=64 causal varlen"} <= set(compiled)
+    assert all(seconds > 0 for seconds in compiled.values()), compiled
 
 
 def _greedy_loop_matches_eager(fast, eager_half, cache, dtype):
