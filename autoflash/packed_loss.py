@@ -34,23 +34,22 @@ _IGNORE = -100
 _logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
-# the model's arguments that the causal LM names itself; the rest of its **kwargs go to the loss too
-_MODEL_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "inputs_embeds",
-                    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "cache_position")
 
 
-def wrap(original, lm_class, family, attention_name, boundaries: unpad_model.Boundaries = unpad_model.Boundaries()):
-    """``lm_class``: the family's ForCausalLM (``autoflash.families``); ``boundaries``: as given to
+def wrap(original, lm_class, family, attention_name, release: unpad_model.Release):
+    """``lm_class``: the family's ForCausalLM (``autoflash.families``); ``release``: as given to
     ``unpad_model.wrap``; where a traced decoder keeps its padding, so do logits and loss."""
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    # what the caller passes beyond these goes to the loss too (num_items_in_batch, ...), as the forward does
+    named = frozenset(p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD)
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if not unpad_model.runs_autoflash(self, attention_name):
             return original(self, *args, **kwargs)
         if tracing.is_tracing() and (not tracing.graph_breaks_allowed() or (kwargs.get("labels") is None and not args)
-                                     or boundaries.published(getattr(self, "model", None))):
+                                     or release.published(getattr(self, "model", None))):
             # traced where padding stays: logits and loss as transformers computes them
             return original(self, *args, **kwargs)
         if not unpad_model.is_model_class(self, lm_class):  # its own code may depend on the padded layout
@@ -67,18 +66,20 @@ def wrap(original, lm_class, family, attention_name, boundaries: unpad_model.Bou
         call.update(call.pop(var_keyword, None) or {})
         if call.get("labels") is None:
             return original(self, *args, **kwargs)
-        return _forward_with_labels(original, self, lm_class, family, attention_name, args, kwargs, call)
+        extra = {k: v for k, v in call.items() if k not in named and k not in _LM_ONLY}
+        return _forward_with_labels(original, self, lm_class, family, attention_name, release, args, kwargs, call,
+                                    extra)
 
     forward.__wrapped__ = original
     return forward
 
 
-def _forward_with_labels(original, module, lm_class, family, attention_name, args, kwargs, call):
+def _forward_with_labels(original, module, lm_class, family, attention_name, release, args, kwargs, call, extra):
     mask, labels = call.get("attention_mask"), call["labels"]
     source = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
     if source is not None and mask is not None:
-        unpad_model.check_mask_shape(source, mask, call)
-    reason = unpad_model.why_keep_padding(module, lm_class, family, mask, call, attention_name)
+        unpad_model.check_mask_shape(source, mask, call, release)
+    reason = unpad_model.why_keep_padding(module, lm_class, family, mask, call, attention_name, release)
     keep = call.get("logits_to_keep", call.get("num_logits_to_keep"))
     if reason is None and not (keep is None or (isinstance(keep, int) and keep == 0)):
         reason = "logits_to_keep is set"  # an int or a tensor of positions
@@ -112,7 +113,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, arg
     out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
     hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
     logits = module.lm_head(hidden)
-    loss = _loss(module, logits, pack(shift_labels, layout), call)
+    loss = release.loss(module, logits, pack(shift_labels, layout), extra)
     lm_head = module.lm_head
     output = _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
     return output.to_tuple() if tuple_wanted else output
@@ -133,21 +134,6 @@ def _padded_logits(module, reason, original, args, kwargs):
         _logged.add(reason)
         logger.debug("autoflash: logits and loss on the padded layout: %s", reason)
     return original(module, *args, **kwargs)
-
-
-def _loss(module, logits, shift_labels, call):
-    """transformers' causal-LM loss over the real tokens' (already shifted) labels."""
-    extra = {k: v for k, v in call.items() if k not in _LM_ONLY and k not in _MODEL_ARGUMENTS}
-    loss_function = getattr(module, "loss_function", None)  # transformers >= 4.46
-    if loss_function is not None and "shift_labels" in inspect.signature(loss_function).parameters:
-        return loss_function(logits=logits, labels=None, vocab_size=module.config.vocab_size,
-                             shift_labels=shift_labels, **extra)
-    # transformers < 4.5x compute it inline (or without shift_labels): mean over counted
-    # targets, or the sum over num_items_in_batch when the Trainer passes it
-    items = extra.get("num_items_in_batch")
-    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                             ignore_index=_IGNORE, reduction="sum" if items is not None else "mean")
-    return loss / items if items is not None else loss
 
 
 # -- the output, with padded logits built on first use ---------------------------------------------

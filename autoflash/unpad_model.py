@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -120,10 +120,6 @@ def runs_autoflash(module, attention_name) -> bool:
     return module.config._attn_implementation == attention_name
 
 
-def _cache_passed(kwargs) -> bool:
-    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None  # renamed in 5.2x
-
-
 def is_model_class(module, model_class) -> bool:
     """``model_class`` itself, or what torch's FSDP2 (``fully_shard``) makes of it: a class of bases
     (FSDPModule, model_class) that adds sharding hooks and methods but runs the model's own forward."""
@@ -142,10 +138,11 @@ def _whole_model_allowed() -> bool:
     return settings().unpad_model
 
 
-def why_keep_padding(module, model_class, family, attention_mask, kwargs, attention_name) -> Optional[str]:
+def why_keep_padding(module, model_class, family, attention_mask, kwargs, attention_name,
+                     release: "Release") -> Optional[str]:
     """None where the whole stack may run on the real tokens; else the reason it may not."""
     # decode steps (a cache passed in) are the most frequent calls: answered first
-    if _cache_passed(kwargs):
+    if release.cache_passed(kwargs):
         return "a KV cache was passed in"
     if not _whole_model_allowed():
         return f"{UNPAD_MODEL_VARIABLE}=0"
@@ -176,10 +173,10 @@ def wants_tuple(module, kwargs) -> bool:
     return not return_dict
 
 
-def check_mask_shape(source, attention_mask, kwargs) -> None:
+def check_mask_shape(source, attention_mask, kwargs, release: "Release") -> None:
     """A 2-D mask of a forward without a cache has one column per input position: say so in the
     user's terms rather than fail inside attention with an internal reshape error."""
-    if _cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+    if release.cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return
     given = "input_ids" if kwargs.get("inputs_embeds") is None else "inputs_embeds"
     if tuple(attention_mask.shape) != tuple(source.shape[:2]):
@@ -216,21 +213,32 @@ def _positions(position_ids, batch, length, device):
 # -- the wrapper of the decoder's forward ---------------------------------------------------------
 
 @dataclass(frozen=True)
-class Boundaries:
-    """How an era's model code hands the packed row's boundaries to attention.
+class Release:
+    """What the whole-model wrappers must know of the transformers release they run in. Its era's
+    patch builds it (``patches/whole_model.py``): the runtime path names no release.
 
-    ``as_kwargs``: transformers >= 4.48 passes cu_seq_lens_q/k (and other keyword arguments)
-    from the decoder's forward to attention; ``lost_under_checkpointing``: 4.48-4.5x drop them
-    under gradient checkpointing. Where they may not arrive, ``packed_boundaries`` publishes
-    them for the forward (thread state), and a traced forward keeps its padding instead.
-    ``mask_for_packed_row``: hand the packed row an all-ones mask (transformers >= 4.53 would
-    otherwise search its position ids for boundaries, a second host sync) or none (earlier
-    releases scan a mask they are given).
+    How the model code hands the packed row's boundaries to attention: ``as_kwargs`` where it passes
+    cu_seq_lens_q/k (and other keyword arguments) from the decoder's forward to attention;
+    ``lost_under_checkpointing`` where it drops them under gradient checkpointing. Where they may
+    not arrive, ``packed_boundaries`` publishes them for the forward (a context variable), and a
+    traced forward keeps its padding instead. ``mask_for_packed_row``: hand the packed row an
+    all-ones mask (where transformers would otherwise search its position ids for boundaries, a
+    second host sync) or none (where it scans a mask it is given).
     """
 
+    # the decoder's cache argument and output key, then any older name the release still accepts
+    cache_names: Tuple[str, ...]
+    # (cache, layout) -> the cache filled on the packed row, laid out as the padded batch's
+    repad_cache: Callable
+    # (module, logits, shift_labels, extra) -> the causal-LM loss over already shifted labels, where
+    # extra holds what the caller passed beyond the causal LM's named arguments (num_items_in_batch, ...)
+    loss: Callable
     as_kwargs: bool = True
     lost_under_checkpointing: bool = False
     mask_for_packed_row: bool = True
+
+    def cache_passed(self, kwargs) -> bool:
+        return any(kwargs.get(name) is not None for name in self.cache_names)
 
     def published(self, decoder) -> bool:
         """Whether a packed forward of ``decoder`` must publish its boundaries."""
@@ -238,12 +246,12 @@ class Boundaries:
                                                                                 False) and decoder.training)
 
 
-def wrap(original, model_class, family, attention_name, boundaries: Boundaries = Boundaries()):
+def wrap(original, model_class, family, attention_name, release: Release):
     """``<Family>Model.forward`` (``model_class``, of ``family``: ``autoflash.families``), with padding
     removed from the whole stack where ``why_keep_padding`` allows."""
     def with_layout(module, input_ids, attention_mask, position_ids, kwargs):
         """kwargs, with the padded batch's layout for attention where it is known without a sync."""
-        if not boundaries.as_kwargs or _cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
+        if not release.as_kwargs or release.cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
                 or not runs_autoflash(module, attention_name):
             return kwargs
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -259,11 +267,11 @@ def wrap(original, model_class, family, attention_name, boundaries: Boundaries =
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        if tracing.is_tracing() and (attention_mask is None or _cache_passed(kwargs) or boundaries.published(self)
+        if tracing.is_tracing() and (attention_mask is None or release.cache_passed(kwargs) or release.published(self)
                                      or not tracing.graph_breaks_allowed()):
             # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
             # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
-            if attention_mask is not None and not _cache_passed(kwargs) and runs_autoflash(self, attention_name):
+            if attention_mask is not None and not release.cache_passed(kwargs) and runs_autoflash(self, attention_name):
                 tracing.note(tracing.TRACE_SAFE, "a padded forward traced by torch.export or fullgraph "
                                                  "torch.compile keeps its padding; attention masks it")
             return original(self, input_ids, attention_mask, position_ids, *args,
@@ -272,7 +280,7 @@ def wrap(original, model_class, family, attention_name, boundaries: Boundaries =
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if given is None:
             if source is not None and attention_mask is not None and runs_autoflash(self, attention_name):
-                check_mask_shape(source, attention_mask, kwargs)
+                check_mask_shape(source, attention_mask, kwargs, release)
             if source is not None and source.shape[1] * source.shape[0] == 0 and runs_autoflash(self, attention_name):
                 return empty_batch(original, self, input_ids, attention_mask, position_ids, args, kwargs, source)
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
@@ -280,19 +288,19 @@ def wrap(original, model_class, family, attention_name, boundaries: Boundaries =
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
-                why_keep_padding(self, model_class, family, attention_mask, kwargs, attention_name)
+                why_keep_padding(self, model_class, family, attention_mask, kwargs, attention_name, release)
             if reason is not None:
                 record(PER_LAYER, reason)
-                return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
+                return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
         batch, length = source.shape[:2]
         layout = given if given is not None else plan(attention_mask, position_ids, batch, length, source.device)
         if layout.kind == "varlen" and layout.total == 0:
             record(PER_LAYER, "no real token in the batch (every position is padding)")
-            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs)
+            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
         record(WHOLE_MODEL, None)
         tuple_wanted = wants_tuple(self, kwargs)
         out = packed_forward(original, self, input_ids, position_ids, {**kwargs, "return_dict": True}, layout,
-                             boundaries, packed_output=given is not None)
+                             release, packed_output=given is not None)
         return out.to_tuple() if tuple_wanted else out
 
     forward.__wrapped__ = original
@@ -311,10 +319,10 @@ def empty_batch(original, module, input_ids, attention_mask, position_ids, args,
                          f"cannot run ({type(exc).__name__}: {exc})") from exc
 
 
-def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs):
+def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs, release: Release):
     """transformers' forward on the padded batch (padding removed inside attention only), its padded
     positions zeroed as on the whole-model path."""
-    if args or _cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+    if args or release.cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return original(module, input_ids, attention_mask, position_ids, *args, **kwargs)
     tuple_wanted = wants_tuple(module, kwargs)
     out = zero_padded_positions(original(module, input_ids, attention_mask, position_ids,
@@ -351,8 +359,7 @@ def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
                 max_length_k=layout.max_seqlen)
 
 
-def packed_forward(original, module, input_ids, position_ids, kwargs, layout, how: Boundaries = Boundaries(),
-                   packed_output=False):
+def packed_forward(original, module, input_ids, position_ids, kwargs, layout, how: Release, packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, length, device = source.shape[0], source.shape[1], source.device
@@ -384,31 +391,6 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, ho
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)
         out["hidden_states"] = tuple(None if h is None else scatter(h, layout) for h in out["hidden_states"])
-    for name in [k for k in out.keys() if k in ("past_key_values", "cache")]:  # renamed in 5.2x
-        out[name] = repad_cache(out[name], layout)
+    for name in [k for k in how.cache_names if k in out.keys()]:
+        out[name] = how.repad_cache(out[name], layout)
     return out
-
-
-def repad_cache(cache, layout: Layout):
-    """A KV cache filled on the packed row, in the padded layout eager would have built.
-
-    Covers what LLaMA builds when no cache is passed in: legacy tuples (transformers < 4.4x),
-    ``DynamicCache`` with per-layer lists (4.36-4.55) or with ``layers`` (4.56+, 5.x).
-    """
-    def repad(t):  # (1, kv_heads, real tokens, dim) -> (batch, kv_heads, length, dim)
-        return scatter(t.transpose(1, 2), layout).transpose(1, 2)
-
-    if isinstance(cache, tuple):
-        return tuple(tuple(repad(t) for t in layer) for layer in cache)
-    if getattr(cache, "layers", None) is not None:
-        for layer in cache.layers:
-            layer.keys, layer.values = repad(layer.keys), repad(layer.values)
-        return cache
-    if isinstance(getattr(cache, "key_cache", None), list):
-        cache.key_cache[:] = [repad(t) for t in cache.key_cache]
-        cache.value_cache[:] = [repad(t) for t in cache.value_cache]
-        if hasattr(cache, "_seen_tokens"):  # transformers 4.36-4.4x count tokens seen separately
-            cache._seen_tokens = layout.q_len
-        return cache
-    raise TypeError(f"autoflash: cannot lay out a {type(cache).__name__} built on a packed row in the padded "
-                    f"form; set {UNPAD_MODEL_VARIABLE}=0 and please report this")

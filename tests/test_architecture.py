@@ -71,23 +71,39 @@ def test_the_runtime_path_never_reaches_back_to_hooks_or_patches(module):
     assert back == []
 
 
+def _code_words(tree):
+    """Every name, attribute, imported module and string the code uses (docstrings and comments left out)."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        yield node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else \
+            node.module or "" if isinstance(node, ast.ImportFrom) else \
+            node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+            and id(node) not in docstrings else ""
+
+
 def test_only_the_family_records_name_a_family():
     """Class names such as ``LlamaModel`` come from ``autoflash.families``; the demo builds a LLaMA model."""
     naming = {}
     for module, tree in MODULES.items():
         if module in ("families", "demo"):
             continue
-        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                      and node.body and isinstance(node.body[0], ast.Expr)
-                      and isinstance(node.body[0].value, ast.Constant)}
-        for node in ast.walk(tree):
-            text = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else \
-                node.module or "" if isinstance(node, ast.ImportFrom) else \
-                node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and id(node) not in docstrings else ""
+        for text in _code_words(tree):
             # (the seed API's replace_llama_attn_with_flash_attn keeps InternVL's name)
             if any(name in text for name in ("Llama", "Qwen", "Mistral", "modeling_llama", "modeling_qwen",
                                              "modeling_mistral")):
                 naming.setdefault(module, []).append(text)
     assert naming == {}
+
+
+# what differs between transformers releases around the whole-model path: the cache's argument name, the
+# cache classes' insides, the loss hook. The era's patch reads them and hands the runtime one record.
+RELEASE_SPECIFIC = ("past_key_values", "key_cache", "value_cache", "_seen_tokens", "loss_function")
+
+
+@pytest.mark.parametrize("module", RUNTIME)
+def test_the_runtime_path_names_no_release_specific_argument_or_attribute(module):
+    named = sorted(set(_code_words(MODULES[module])) & set(RELEASE_SPECIFIC))
+    assert named == [], f"autoflash/{module}.py names {named}: read it in patches/ (unpad_model.Release)"

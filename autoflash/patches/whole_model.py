@@ -4,21 +4,80 @@ Three wrappers of a family's classes, each undone with the rest of the patch: ``
 (the packed row, ``autoflash.unpad_model``), ``<Family>ForCausalLM.forward`` (logits and loss on
 the real tokens, ``autoflash.packed_loss``) and ``<Family>ForCausalLM.generate`` (whose forwards
 keep the padded layout: they fill the cache they decode from).
+
+What those wrappers must know of the release in use is decided here, by feature, and handed to
+them as one record (``unpad_model.Release``): the cache's argument name, how each release's cache
+is laid out, and how its loss is computed.
 """
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+
 from autoflash import packed_loss, unpad_model
+from autoflash.layout import Layout, scatter
 from autoflash.patches.base import Patch
+from autoflash.settings import UNPAD_MODEL_VARIABLE
+
+IGNORE_INDEX = -100
 
 
 def remove_padding_for_whole_model(patch: Patch, module, family, attention_name: str, **how) -> None:
-    """``how``: what the era's model code passes to attention (``unpad_model.Boundaries``)."""
-    boundaries = unpad_model.Boundaries(**how)
+    """``how``: what the era's model code passes to attention (``unpad_model.Release``'s first fields)."""
     model = family.cls(module, "Model")
-    patch.set_attribute(model, "forward", unpad_model.wrap(model.forward, model, family, attention_name, boundaries))
+    release = unpad_model.Release(cache_names=cache_names(model.forward), repad_cache=repad_cache,
+                                  loss=causal_lm_loss, **how)
+    patch.set_attribute(model, "forward", unpad_model.wrap(model.forward, model, family, attention_name, release))
     lm = family.cls(module, "ForCausalLM")
     if lm is None:
         return
-    patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, family, attention_name, boundaries))
+    patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, family, attention_name, release))
     patch.set_attribute(lm, "generate", unpad_model.wrap_generate(lm.generate))
+
+
+def cache_names(decoder_forward) -> tuple:
+    """The decoder's cache argument: ``cache`` from the release that renamed it (which still accepts
+    ``past_key_values``, deprecated), ``past_key_values`` before."""
+    parameters = inspect.signature(decoder_forward).parameters
+    return ("cache", "past_key_values") if "cache" in parameters else ("past_key_values",)
+
+
+def repad_cache(cache, layout: Layout):
+    """A KV cache filled on the packed row, in the padded layout eager would have built.
+
+    Covers what a family's decoder builds when no cache is passed in: legacy tuples (transformers
+    < 4.4x), ``DynamicCache`` with per-layer lists (4.36-4.55) or with ``layers`` (4.56+, 5.x).
+    """
+    def repad(t):  # (1, kv_heads, real tokens, dim) -> (batch, kv_heads, length, dim)
+        return scatter(t.transpose(1, 2), layout).transpose(1, 2)
+
+    if isinstance(cache, tuple):
+        return tuple(tuple(repad(t) for t in layer) for layer in cache)
+    if getattr(cache, "layers", None) is not None:
+        for layer in cache.layers:
+            layer.keys, layer.values = repad(layer.keys), repad(layer.values)
+        return cache
+    if isinstance(getattr(cache, "key_cache", None), list):
+        cache.key_cache[:] = [repad(t) for t in cache.key_cache]
+        cache.value_cache[:] = [repad(t) for t in cache.value_cache]
+        if hasattr(cache, "_seen_tokens"):  # transformers 4.36-4.4x count tokens seen separately
+            cache._seen_tokens = layout.q_len
+        return cache
+    raise TypeError(f"autoflash: cannot lay out a {type(cache).__name__} built on a packed row in the padded "
+                    f"form; set {UNPAD_MODEL_VARIABLE}=0 and please report this")
+
+
+def causal_lm_loss(module, logits, shift_labels, extra):
+    """transformers' causal-LM loss over the real tokens' (already shifted) labels."""
+    loss_function = getattr(module, "loss_function", None)  # transformers >= 4.46
+    if loss_function is not None and "shift_labels" in inspect.signature(loss_function).parameters:
+        return loss_function(logits=logits, labels=None, vocab_size=module.config.vocab_size,
+                             shift_labels=shift_labels, **extra)
+    # transformers < 4.5x compute it inline (or without shift_labels): mean over counted
+    # targets, or the sum over num_items_in_batch when the Trainer passes it
+    items = extra.get("num_items_in_batch")
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum" if items is not None else "mean")
+    return loss / items if items is not None else loss
