@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -131,13 +132,15 @@ def test_mixed_precision_on_two_ranks_is_within_eager_bf16_error_of_the_float32_
     assert worst(job["state"]) <= 2 * worst(eager_bf16) + 1e-3, (worst(job["state"]), worst(eager_bf16))
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:  # on the loopback device (a container's host name may not route)
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _torchrun(script, *args, tmp_path):
     """Two ranks started by torchrun (the CPU build: gloo), as a job script would be; their output."""
-    import socket
-
-    with socket.socket() as probe:  # a free port on the loopback device (a container's host name may not route)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(Path(__file__).parent)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                              "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), *args],
@@ -156,6 +159,27 @@ def test_every_rank_started_by_torchrun_patches_on_import_and_names_its_rank(tmp
     reports = [json.loads(line) for line in _torchrun(script, tmp_path=tmp_path).splitlines() if line.startswith("{")]
     assert sorted(r["rank"]["rank"] for r in reports) == [0, 1]
     assert all(r["rank"]["world_size"] == 2 and r["active"] for r in reports)
+    assert all(r["patched"] == ["transformers.models.llama.modeling_llama"] for r in reports)
+
+
+def test_every_process_started_by_accelerate_launch_patches_on_import(tmp_path):
+    """``accelerate launch`` starts its processes through torchrun's launcher: each patches on its first
+    import of LLaMA's code. (On CPU ranks Accelerate itself runs no process group of its own: findings 59.)"""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    script = tmp_path / "job.py"
+    script.write_text("import json, os\n"
+                      "import transformers.models.llama.modeling_llama\n"
+                      "import autoflash\n"
+                      "print(json.dumps({'rank': os.environ.get('RANK'), 'patched': autoflash.status()['patched']}))\n")
+    port = _free_port()
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(port), str(script)],
+                            capture_output=True, text=True, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == ["0", "1"]
     assert all(r["patched"] == ["transformers.models.llama.modeling_llama"] for r in reports)
 
 

@@ -13,19 +13,9 @@ import torch
 
 from autoflash import backends, dispatch
 from autoflash.backends import flash_attn_4
-from autoflash.call import AttentionCall
+from test_backend_choice import _call, _reasons  # an sm90 bf16 training call, head dim 128, GQA 32/8
 
 FA4 = backends.FLASH_ATTN_4
-
-
-def _call(**overrides):
-    fields = dict(kind="varlen", device_type="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128,
-                  num_heads=32, num_kv_heads=8, q_len=2048, kv_len=2048, dropout=0.0, causal=True, needs_grad=True)
-    return AttentionCall(**{**fields, **overrides})
-
-
-def _reasons(decision, name):
-    return dict(decision.refused)[name]
 
 
 @pytest.fixture
