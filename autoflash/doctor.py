@@ -187,7 +187,7 @@ def report(data: dict) -> str:
     lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")
     lines.append("backends (best first):")
     for b in data["backends"]:
-        lines.append(f"  {b['name']:<11} {'available' if b['available'] else 'unavailable'}")
+        lines.append(f"  {b['name']:<13} {'available' if b['available'] else 'unavailable'}")
         lines += [f"      - {r}" for r in b["reasons"]]
         if "disk_cache" in b:
             lines.append(f"      kernel cache on disk: {b['disk_cache']}")

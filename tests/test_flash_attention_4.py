@@ -5,6 +5,7 @@ distribution record and its module are replaced, never its kernels run. The GPU 
 """
 
 import sys
+import time
 import textwrap
 from importlib import metadata
 
@@ -153,3 +154,38 @@ def test_the_fa4_extra_installs_flash_attn_4():
     requirements = metadata.metadata("autoflash").get_all("Requires-Dist")
     assert any(r.replace(" ", "").startswith("flash-attn-4>=4.0.0b36") and 'extra=="fa4"' in r.replace(" ", "")
                for r in requirements), requirements
+
+
+class _SlowBackward(torch.autograd.Function):
+    """A stand-in kernel whose backward takes a known time, as a first backward that compiles does."""
+
+    @staticmethod
+    def forward(ctx, q):
+        return q * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.05)
+        return grad * 2
+
+
+def test_the_first_call_of_each_configuration_is_timed_forward_and_backward_and_later_calls_are_not():
+    fa4 = flash_attn_4._FlashAttn4()
+    q, k, v = (torch.randn(6, 4, 64, requires_grad=True) for _ in range(3))
+
+    def kernel(q_, k_, v_):
+        time.sleep(0.02)
+        return _SlowBackward.apply(q_)
+
+    first = fa4._timed(_call(head_dim=64), "varlen", (q, k, v), kernel)
+    assert set(fa4.compiled) == {"forward bfloat16 head_dim=64 causal varlen"}  # the backward has not run yet
+    first.sum().backward()
+    assert fa4.compiled["backward bfloat16 head_dim=64 causal varlen"] >= 0.05
+    assert fa4.compiled["forward bfloat16 head_dim=64 causal varlen"] >= 0.02
+    assert torch.equal(q.grad, torch.full_like(q, 2.0))  # the stopwatches change no gradient
+
+    again = fa4._timed(_call(head_dim=64), "varlen", (q, k, v), kernel)
+    assert type(again.grad_fn).__name__ == "_SlowBackwardBackward"  # no stopwatch once timed
+    fa4._timed(_call(head_dim=128, needs_grad=False), "dense", (q, k, v), kernel)
+    assert "forward bfloat16 head_dim=128 causal dense" in fa4.compiled
+    assert "backward bfloat16 head_dim=128 causal dense" not in fa4.compiled  # inference: no backward to time

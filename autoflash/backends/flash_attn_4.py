@@ -211,21 +211,23 @@ class _FlashAttn4:
     def _timed(self, call: AttentionCall, form: str, args, kernel):
         """Run ``kernel(*args)``; the first call of a configuration in this process is timed, forward and
         (where it will run) backward, since that is when FlashAttention-4 compiles or loads its kernels."""
-        config = (f"{str(call.dtype).replace('torch.', '')} head_dim={call.head_dim} "
-                  f"{'causal' if call.causal else 'full'} {'varlen' if form != 'dense' else 'dense'}")
+        config = (call.dtype, call.head_dim, call.causal, form == "dense")  # (what it compiles a kernel for)
         first_forward = config not in self._seen
-        first_backward = call.needs_grad and torch.is_grad_enabled() and ("backward", config) not in self._seen
+        first_backward = call.needs_grad and ("backward", config) not in self._seen and torch.is_grad_enabled()
         if not (first_forward or first_backward):
             return kernel(*args)
+        dtype, head_dim, causal, dense = config
+        config_name = (f"{str(dtype).replace('torch.', '')} head_dim={head_dim} {'causal' if causal else 'full'} "
+                       f"{'dense' if dense else 'varlen'}")
         if first_backward:
             self._seen.add(("backward", config))
-            clock = _Clock(lambda seconds: self._record(f"backward {config}", seconds))
+            clock = _Clock(lambda seconds: self._record(f"backward {config_name}", seconds))
             args = (_Stopwatch.apply(args[0], clock, True),) + tuple(args[1:])
         self._seen.add(config)
         start = time.perf_counter()
         out = kernel(*args)
         if first_forward:
-            self._record(f"forward {config}", time.perf_counter() - start)
+            self._record(f"forward {config_name}", time.perf_counter() - start)
         if first_backward:
             out = _Stopwatch.apply(out, clock, False)
         return out
