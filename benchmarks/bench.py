@@ -503,6 +503,23 @@ def autoflash_kernel_functions(device):
     return fns
 
 
+QUEUED = 10  # W3: calls between two syncs in the "queued" timing
+
+
+def kernel_rates(forward, forward_backward, flops, device) -> dict:
+    """TFLOP/s forward and forward+backward (backward counted as 2.5x forward), of one call timed alone
+    (synced before and after: its host time counts in full) and of QUEUED calls between two syncs (as in
+    a training step, where the host runs ahead of the GPU)."""
+    alone = statistics.median([timed(forward, device) for _ in range(10)])
+    alone_both = statistics.median([timed(forward_backward, device) for _ in range(10)])
+    queued = statistics.median([timed(lambda: [forward() for _ in range(QUEUED)], device) for _ in range(3)])
+    queued_both = statistics.median([timed(lambda: [forward_backward() for _ in range(QUEUED)], device)
+                                     for _ in range(3)])
+    return dict(fwd_tflops=flops / alone / 1e12, fwd_bwd_tflops=3.5 * flops / alone_both / 1e12,
+                fwd_tflops_queued=QUEUED * flops / queued / 1e12,
+                fwd_bwd_tflops_queued=QUEUED * 3.5 * flops / queued_both / 1e12)
+
+
 def run_kernels(s):
     device, dtype = s["device"], s["dtype"]
     heads, kv_heads, dim = s["heads"], s["kv_heads"], s["hidden"] // s["heads"]
@@ -519,10 +536,8 @@ def run_kernels(s):
             try:
                 for _ in range(3):
                     fn(q, k, v).backward(grad)
-                forward = statistics.median([timed(lambda: fn(q, k, v), device) for _ in range(10)])
-                both = statistics.median([timed(lambda: fn(q, k, v).backward(grad), device) for _ in range(10)])
-                rows.append(dict(kernel=name, length=length, batch=batch, fwd_tflops=flops / forward / 1e12,
-                                 fwd_bwd_tflops=3.5 * flops / both / 1e12))
+                rows.append(dict(kernel=name, length=length, batch=batch, **kernel_rates(
+                    lambda: fn(q, k, v), lambda: fn(q, k, v).backward(grad), flops, device)))
             except Exception as exc:  # noqa: BLE001
                 rows.append(dict(kernel=name, length=length, skipped=f"{type(exc).__name__}: {str(exc)[:80]}"))
     # through autoflash's backends, packed in one row: equal lengths as above, then W1's lengths
@@ -539,10 +554,8 @@ def run_kernels(s):
             try:
                 for _ in range(3):
                     fn(q, k, v, lengths).backward(grad)
-                forward = statistics.median([timed(lambda: fn(q, k, v, lengths), device) for _ in range(10)])
-                both = statistics.median([timed(lambda: fn(q, k, v, lengths).backward(grad), device) for _ in range(10)])
-                rows.append(dict(kernel=name, length=label, batch=len(lengths), fwd_tflops=flops / forward / 1e12,
-                                 fwd_bwd_tflops=3.5 * flops / both / 1e12))
+                rows.append(dict(kernel=name, length=label, batch=len(lengths), **kernel_rates(
+                    lambda: fn(q, k, v, lengths), lambda: fn(q, k, v, lengths).backward(grad), flops, device)))
             except Exception as exc:  # noqa: BLE001
                 rows.append(dict(kernel=name, length=label, skipped=f"{type(exc).__name__}: {str(exc)[:100]}"))
     return dict(matmul_peak_tflops=peak, rows=rows)
@@ -638,14 +651,19 @@ def table(workload, result) -> str:
                                            lambda r: f"{r['tokens_per_s']:>10.0f}{r['first_call_s']:>11.2f}")
     elif workload == "w3":
         lines.append(f"matmul peak {result['matmul_peak_tflops']:.0f} TFLOP/s; TFLOP/s forward / forward+backward")
-        header = None
-        for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
-            mine = [r for r in result["rows"] if r["kernel"] == kernel]
-            if header != [r["length"] for r in mine]:  # bare kernels by length, autoflash's backends by shape
-                header = [r["length"] for r in mine]
-                lines.append(f"{'kernel':<34}" + "".join(f"{h:>14}" for h in header))
-            cells = ["skipped" if "skipped" in r else f"{r['fwd_tflops']:.0f}/{r['fwd_bwd_tflops']:.0f}" for r in mine]
-            lines.append(f"{kernel:<34}" + "".join(f"{c:>14}" for c in cells))
+        for suffix, what in (("", "one call timed alone"), ("_queued", f"{QUEUED} calls between two syncs")):
+            if not any(f"fwd_tflops{suffix}" in r for r in result["rows"]):
+                continue  # (results saved before the queued timing existed)
+            lines.append(f"-- {what}")
+            header = None
+            for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
+                mine = [r for r in result["rows"] if r["kernel"] == kernel]
+                if header != [r["length"] for r in mine]:  # bare kernels by length, autoflash's backends by shape
+                    header = [r["length"] for r in mine]
+                    lines.append(f"{'kernel':<34}" + "".join(f"{h:>14}" for h in header))
+                cells = ["skipped" if "skipped" in r else
+                         f"{r[f'fwd_tflops{suffix}']:.0f}/{r[f'fwd_bwd_tflops{suffix}']:.0f}" for r in mine]
+                lines.append(f"{kernel:<34}" + "".join(f"{c:>14}" for c in cells))
         for reason in dict.fromkeys(f"{r['kernel']}: {r['skipped']}" for r in result["rows"] if "skipped" in r):
             lines.append(f"  skipped {reason}")
     else:
