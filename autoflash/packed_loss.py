@@ -31,6 +31,7 @@ from autoflash.layout import pack, scatter
 from autoflash.settings import logger
 
 _IGNORE = -100
+_OUTPUT = None  # (class, field names) of the output packed_loss returns: see _output_class
 _logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
@@ -39,6 +40,8 @@ _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
 def wrap(original, lm_class, family, attention_name, release: unpad_model.Release):
     """``lm_class``: the family's ForCausalLM (``autoflash.families``); ``release``: as given to
     ``unpad_model.wrap``; where a traced decoder keeps its padding, so do logits and loss."""
+    global _OUTPUT
+    _OUTPUT = _OUTPUT or _output_class()
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
     # what the caller passes beyond these goes to the loss too (num_items_in_batch, ...), as the forward does
@@ -138,24 +141,24 @@ def _padded_logits(module, reason, original, args, kwargs):
 
 # -- the output, with padded logits built on first use ---------------------------------------------
 
-# Reached only where a trace may break (fullgraph compiles and exports keep transformers' own output:
-# see wrap). dynamo breaks the graph here, at the end of the forward (findings 54); no compiler
-# directive hides that: traced code holds no Python state of autoflash's own.
+# Reached in a trace only where it may break (fullgraph compiles and exports keep transformers' own
+# output: see wrap); dynamo traces it whole there (findings 60).
 def _output(model_out, loss, build_logits):
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
+    output_class, names = _OUTPUT
     placeholder = torch.empty(0)  # holds the logits' place in the output's key order until built
-    fields = {}
-    for f in dataclasses.fields(CausalLMOutputWithPast):
-        if f.name == "loss":
-            fields[f.name] = loss
-        elif f.name == "logits":
-            fields[f.name] = placeholder
-        else:
-            fields[f.name] = model_out.get(f.name)
-    out = _lazy_class(CausalLMOutputWithPast)(**fields)
+    fields = {name: loss if name == "loss" else placeholder if name == "logits" else model_out.get(name)
+              for name in names}
+    out = output_class(**fields)
     out.__dict__["_autoflash_build_logits"] = build_logits
     return out
+
+
+def _output_class():
+    """(the causal-LM output class with logits built on first read, its field names): made when a model is
+    patched, since a trace cannot make a class or read a dataclass's fields."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return _lazy_class(CausalLMOutputWithPast), tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast))
 
 
 def _build(output) -> None:
@@ -166,11 +169,17 @@ def _build(output) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _lazy_class(base):
+    # logits as a property, not a __getattribute__ override: dynamo traces building this class's
+    # instances only without one (findings 54)
     class WithPackedLogits(base):
-        def __getattribute__(self, name):
-            if name == "logits":
-                _build(self)
-            return super().__getattribute__(name)
+        @property
+        def logits(self):
+            _build(self)
+            return self.__dict__.get("_autoflash_logits")
+
+        @logits.setter
+        def logits(self, value):
+            self.__dict__["_autoflash_logits"] = value
 
         def __getitem__(self, key):
             _build(self)

@@ -398,6 +398,34 @@ def test_torch_compile_traces_the_whole_layer_stack_without_a_break_per_layer():
     torch._dynamo.reset()
 
 
+def test_a_compiled_padded_training_forward_breaks_only_at_the_plans_host_sync():
+    """The plan's host sync (removing padding makes shapes depend on the data) is the one place a plainly
+    compiled padded forward with labels leaves the graph: the loss and the output with its padded logits
+    built on first read are traced too."""
+    import torch._dynamo
+
+    from conftest import legacy_era
+
+    if legacy_era():
+        pytest.skip("transformers < 4.48: the packed row reaches attention without keyword arguments")
+    mask = _mask([9, 4, 1, 6], ["left", "right", "left", "right"])
+    ids = torch.randint(3, 97, mask.shape)
+    labels = labels_for(ids, mask)
+    fast, eager = model_pair(seed=13)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fast)(input_ids=ids, attention_mask=mask, labels=labels)
+    where = {(r.user_stack[-1].filename.rsplit("/", 1)[-1], r.user_stack[-1].name) for r in explanation.break_reasons}
+    assert where == {("layout.py", "plan_without_cache")}, [str(r.reason)[:80] for r in explanation.break_reasons]
+    torch._dynamo.reset()
+    out = torch.compile(fast, backend="eager")(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = eager(input_ids=ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    assert last_path() == "whole-model"
+    assert relative_error(out.loss, ref.loss) < LOSS_RTOL
+    assert relative_error(out.logits[real], ref.logits[real]) < LOSS_RTOL and not out.logits[~real].any()
+    torch._dynamo.reset()
+
+
 def test_rotary_embedding_is_sized_by_the_padded_batch_not_the_packed_row():
     # Dynamic NTK scaling changes the rotary base once the longest position passes
     # max_position_embeddings: here the batch is 30 wide but its real tokens, packed, are 75.
