@@ -15,6 +15,8 @@ and in W1 also (training):
 
     fa2 padding-free      the same real tokens packed into one row by the caller (position ids
                           restarting, cu_seq_lens_q/k, use_cache=False) with flash_attention_2
+    flash_attention_4     transformers' FlashAttention-4 integration, padded, and ``fa4 padding-free`` the
+                          same tokens packed by hand (rows only where transformers finds flash-attn-4)
     autoflash-per-layer   AUTOFLASH_UNPAD_MODEL=0: padding removed inside attention only
     autoflash-cache-on    the unchanged loop: use_cache left at its default (a cache is returned)
     autoflash-torch-per-layer
@@ -23,7 +25,8 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
 
     w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
     w1packed   the same tokens packed into one row through position_ids
-    (``w1 --profile``: the CUDA kernel time of one step by kind, autoflash against fa2 padding-free)
+    (``w1 --profile``: the CUDA kernel time of one step by kind: autoflash, autoflash-torch, the padding-free
+    runs and transformers' flash_attention_4)
     w2         decode: 128 greedy tokens at batch 16 (left-padded prompts U(64, 1024)) and batch 1 (700
                tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
                CUDA graphs) and by the user's torch.compile(mode="reduce-overhead"); uncompiled modes time
@@ -56,7 +59,12 @@ COMPETITORS = ["eager", "sdpa", "flash_attention_2", "autoflash", "autoflash-fa2
 # the unchanged loop (use_cache left at its default), and the best a transformers user can do
 # today: the same tokens packed padding-free by the caller, run with flash_attention_2.
 PADDING_FREE_FA2 = "fa2 padding-free"
-TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "autoflash", "autoflash-fa2",
+# transformers' own FlashAttention-4 integration, padded and packed by hand (rows only where it is available):
+# issue 12 asks why it gains nothing end to end; `w1 --profile` breaks its step down beside autoflash's
+PADDING_FREE_FA4 = "fa4 padding-free"
+PADDING_FREE = {PADDING_FREE_FA2: "flash_attention_2", PADDING_FREE_FA4: "flash_attention_4"}
+TRAINING_COMPETITORS = ["eager", "sdpa", "flash_attention_2", PADDING_FREE_FA2, "flash_attention_4", PADDING_FREE_FA4,
+                        "autoflash", "autoflash-fa2",
                         "autoflash-per-layer", "autoflash-cache-on", "autoflash-torch", "autoflash-torch-per-layer"]
 WORKLOADS = ["w1", "w1packed", "w2", "w3", "w4"]
 DECODE_BATCHES = DECODE_MODES_RUN = None  # w2: --decode-batch / --decode-mode
@@ -101,6 +109,14 @@ def build_model(s):
 
 def available(competitor: str) -> str | None:
     """None if the competitor can run here, else why not."""
+    if competitor in ("flash_attention_4", PADDING_FREE_FA4):
+        try:
+            from transformers.utils.import_utils import is_flash_attn_4_available
+
+            if not is_flash_attn_4_available():
+                return "transformers says FlashAttention-4 is not available"
+        except Exception as exc:  # noqa: BLE001
+            return f"this transformers has no flash_attention_4 ({type(exc).__name__})"
     if competitor in ("flash_attention_2", PADDING_FREE_FA2):
         try:
             import flash_attn  # noqa: F401
@@ -127,8 +143,8 @@ def competing_as(model, competitor: str):
     if per_layer:
         os.environ[settings_module.UNPAD_MODEL_VARIABLE] = "0"
         settings_module.settings.cache_clear()
-    if competitor in ("sdpa", "flash_attention_2", PADDING_FREE_FA2):
-        competitor = "flash_attention_2" if competitor == PADDING_FREE_FA2 else competitor
+    if competitor in ("sdpa", "flash_attention_2", "flash_attention_4", *PADDING_FREE):
+        competitor = PADDING_FREE.get(competitor, competitor)
         autoflash.disable()  # transformers' own implementation, not autoflash's replacement of it
         try:
             model.set_attn_implementation(competitor)
@@ -264,7 +280,7 @@ def run_training(s, packed: bool):
         if why:
             rows.append(dict(competitor=competitor, skipped=why))
             continue
-        inputs = dict(padding_free if competitor == PADDING_FREE_FA2 else batch)
+        inputs = dict(padding_free if competitor in PADDING_FREE else batch)
         if competitor != "autoflash-cache-on":
             inputs["use_cache"] = False
         with competing_as(model, competitor):
@@ -277,7 +293,7 @@ def run_training(s, packed: bool):
                 rows.append(dict(competitor=competitor, step_ms=median * 1e3, tokens_per_s=real_tokens / median,
                                  peak_gib=peak_gib(s["device"]), mfu=flops / median / 1e12 / peak,
                                  backend=_backend_used()))
-                if PROFILE and competitor in ("autoflash", "autoflash-torch", PADDING_FREE_FA2):
+                if PROFILE and competitor in ("autoflash", "autoflash-torch", *PADDING_FREE, "flash_attention_4"):
                     rows[-1]["profile"] = kernel_time_by_kind(step, s["device"])
                     rows[-1]["profile"]["GiB held after forward"] = round(held[-1], 2) if held else None
             except Exception as exc:  # noqa: BLE001
