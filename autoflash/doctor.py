@@ -191,7 +191,8 @@ def report(data: dict) -> str:
         lines += [f"      - {r}" for r in b["reasons"]]
         if "disk_cache" in b:
             lines.append(f"      kernel cache on disk: {b['disk_cache']}")
-        lines += [f"      compiled in this process: {what} ({seconds} s)" for what, seconds in b.get("compiled", {}).items()]
+        lines += [f"      compiled in this process: {what} ({seconds} s)"
+                  for what, seconds in b.get("compiled", {}).items()]
     for label, choice in data["choices"].items():
         lines.append(f"{label}: {choice['call']}")
         lines.append(f"  -> {choice['backend'] or 'no backend: ' + choice.get('error', '')}")

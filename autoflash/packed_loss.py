@@ -30,7 +30,7 @@ from autoflash import tracing, unpad_model
 from autoflash.layout import pack, scatter
 from autoflash.settings import logger
 
-_IGNORE = -100
+IGNORE_INDEX = -100  # transformers' label for a position without a target
 _OUTPUT = None  # (class, field names) of the output packed_loss returns: see _output_class
 _logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
@@ -96,10 +96,10 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     device = mask.device
     shift_labels = call.get("shift_labels")
     if shift_labels is None:  # transformers' convention: position t predicts labels[t + 1]
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=_IGNORE)[:, 1:]
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     shift_labels = shift_labels.to(device)
     real = mask.to(device=device, dtype=torch.bool)
-    predicted_from_padding = ((shift_labels != _IGNORE) & ~real).any()
+    predicted_from_padding = ((shift_labels != IGNORE_INDEX) & ~real).any()
     batch, length = mask.shape
     layout = unpad_model.plan(mask, call.get("position_ids"), batch, length, device,
                               extra_check=predicted_from_padding)

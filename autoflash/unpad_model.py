@@ -322,7 +322,8 @@ def empty_batch(original, module, input_ids, attention_mask, position_ids, args,
 def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs, release: Release):
     """transformers' forward on the padded batch (padding removed inside attention only), its padded
     positions zeroed as on the whole-model path."""
-    if args or release.cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+    if (args or release.cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.dim() != 2):
         return original(module, input_ids, attention_mask, position_ids, *args, **kwargs)
     tuple_wanted = wants_tuple(module, kwargs)
     out = zero_padded_positions(original(module, input_ids, attention_mask, position_ids,

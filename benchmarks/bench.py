@@ -490,18 +490,17 @@ def kernel_functions(device):
     return fns
 
 
-def autoflash_kernel_functions(device):
-    """name -> fn(q, k, v, lengths) through autoflash's own backends (their run(), with a varlen layout of
-    ``lengths`` packed in one row: what the whole-model path hands them), for those that can serve here."""
-    from autoflash import backends, dispatch
+def autoflash_kernel_functions():
+    """name -> prepare(q, k, v, lengths) -> fn() through autoflash's own backends: their run() with a varlen
+    layout of ``lengths`` packed in one row (what the whole-model path hands them). The layout and the
+    backend's decision are made once, in prepare, as the model makes them once per forward: the timed
+    calls hold only what a layer's attention call does."""
+    from autoflash import dispatch
     from autoflash.call import AttentionCall, capability_of
     from autoflash.layout import Layout
 
-    fns = {}
-    for name in ("flash_attn_4", "flash_attn", "torch"):
-        backend = dispatch.backend(name)
-
-        def fn(q, k, v, lengths, backend=backend):
+    def preparer(backend):
+        def prepare(q, k, v, lengths):
             total = sum(lengths)
             cu = torch.tensor([0] + lengths, device=q.device).cumsum(0).to(torch.int32)
             layout = Layout(kind="varlen", batch=1, q_len=total, kv_len=total, cu_seqlens=cu, max_seqlen=max(lengths),
@@ -512,11 +511,13 @@ def autoflash_kernel_functions(device):
             why = backend.reasons_not_supported(call)
             if why:
                 raise RuntimeError("; ".join(why))
-            return backend.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, call,
-                               q.shape[-1] ** -0.5)
+            heads_first = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return lambda: backend.run(*heads_first, layout, call, q.shape[-1] ** -0.5)
 
-        fns[f"autoflash {name} (varlen)"] = fn
-    return fns
+        return prepare
+
+    return {f"autoflash {name} (varlen)": preparer(dispatch.backend(name)) for name in ("flash_attn_4", "flash_attn",
+                                                                                       "torch")}
 
 
 QUEUED = 10  # W3: calls between two syncs in the "queued" timing
@@ -559,7 +560,7 @@ def run_kernels(s):
     # through autoflash's backends, packed in one row: equal lengths as above, then W1's lengths
     shapes = [(n, [n] * max(1, s["kernel_tokens"] // n)) for n in s["kernel_lengths"]]
     shapes.append(("W1 lengths", lengths_for(s)))
-    for name, fn in autoflash_kernel_functions(device).items():
+    for name, prepare in autoflash_kernel_functions().items():
         for label, lengths in shapes:
             total = sum(lengths)
             q = torch.randn(1, total, heads, dim, device=device, dtype=dtype, requires_grad=True)
@@ -568,10 +569,11 @@ def run_kernels(s):
             grad = torch.randn(1, total, heads, dim, device=device, dtype=dtype)
             flops = sum(4 * heads * dim * n * n / 2 for n in lengths)
             try:
+                fn = prepare(q, k, v, lengths)
                 for _ in range(3):
-                    fn(q, k, v, lengths).backward(grad)
+                    fn().backward(grad)
                 rows.append(dict(kernel=name, length=label, batch=len(lengths), **kernel_rates(
-                    lambda: fn(q, k, v, lengths), lambda: fn(q, k, v, lengths).backward(grad), flops, device)))
+                    fn, lambda: fn().backward(grad), flops, device)))
             except Exception as exc:  # noqa: BLE001
                 rows.append(dict(kernel=name, length=label, skipped=f"{type(exc).__name__}: {str(exc)[:100]}"))
     return dict(matmul_peak_tflops=peak, rows=rows)

@@ -155,4 +155,5 @@ def test_exclude_env_switch_is_read_and_unknown_names_are_named(monkeypatch, cap
         monkeypatch.delenv("AUTOFLASH_EXCLUDE")
         settings_module.settings.cache_clear()
     assert decision.backend == "torch" and _reasons(decision, "flash_attn") == ("excluded (AUTOFLASH_EXCLUDE)",)
-    assert "AUTOFLASH_EXCLUDE='flash_attn, bogus': 'bogus' not one of flash_attn_4|flash_attn|torch; ignored" in caplog.text
+    assert ("AUTOFLASH_EXCLUDE='flash_attn, bogus': 'bogus' not one of flash_attn_4|flash_attn|torch; ignored"
+            in caplog.text)

@@ -98,7 +98,10 @@ class _FlashAttn4:
 
     # -- availability ----------------------------------------------------------------------------
 
+    @functools.lru_cache(maxsize=1)
     def version(self):
+        """The installed distribution's version, or None. Looked up once: a lookup walks every installed
+        distribution (about 0.7 ms on the CPU machine), and every new call shape asks."""
         try:
             return metadata.version(DISTRIBUTION)
         except metadata.PackageNotFoundError:
@@ -162,9 +165,11 @@ class _FlashAttn4:
         major = call.capability[0] if call.capability is not None else 9
         dims = HEAD_DIMS.get(major, HEAD_DIMS[9])
         if call.head_dim not in dims:
-            reasons.append(f"head_dim={call.head_dim} (supported on compute capability {major}.x: {', '.join(map(str, dims))})")
+            reasons.append(f"head_dim={call.head_dim} (supported on compute capability {major}.x: "
+                           f"{', '.join(map(str, dims))})")
         if call.num_heads % call.num_kv_heads:
-            reasons.append(f"heads={call.num_heads}/{call.num_kv_heads} (supported: query heads a multiple of kv heads)")
+            reasons.append(f"heads={call.num_heads}/{call.num_kv_heads} "
+                           "(supported: query heads a multiple of kv heads)")
         if call.traced:
             reasons.append("traced call (torch.compile/torch.export: its kernels are not torch.library ops; "
                            "served by a kernel that traces)")

@@ -21,8 +21,6 @@ from autoflash.layout import Layout, scatter
 from autoflash.patches.base import Patch
 from autoflash.settings import UNPAD_MODEL_VARIABLE
 
-IGNORE_INDEX = -100
-
 
 def remove_padding_for_whole_model(patch: Patch, module, family, attention_name: str, **how) -> None:
     """``how``: what the era's model code passes to attention (``unpad_model.Release``'s first fields)."""
@@ -79,5 +77,6 @@ def causal_lm_loss(module, logits, shift_labels, extra):
     # targets, or the sum over num_items_in_batch when the Trainer passes it
     items = extra.get("num_items_in_batch")
     loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum" if items is not None else "mean")
+                                             ignore_index=packed_loss.IGNORE_INDEX,
+                                             reduction="sum" if items is not None else "mean")
     return loss / items if items is not None else loss

@@ -199,7 +199,8 @@ def test_flash_attention_4_times_its_first_forward_and_backward_per_configuratio
     with dispatch.forced("flash_attn_4"):
         train_step(fast, input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
     compiled = backends.FLASH_ATTN_4.compiled
-    assert {"forward bfloat16 head_dim=64 causal varlen", "backward bfloat16 head_dim=64 causal varlen"} <= set(compiled)
+    assert {"forward bfloat16 head_dim=64 causal varlen",
+            "backward bfloat16 head_dim=64 causal varlen"} <= set(compiled)
     assert all(seconds > 0 for seconds in compiled.values()), compiled
 
 
