@@ -25,8 +25,9 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
 
     w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
     w1packed   the same tokens packed into one row through position_ids
-    (``w1 --profile``: the CUDA kernel time of one step by kind: autoflash, autoflash-torch, the padding-free
-    runs and transformers' flash_attention_4)
+    (``w1 --profile``: the CUDA kernel time of one step by kind, its host syncs and the GPU's idle time
+    (the step less its kernels): autoflash, autoflash-torch, the padding-free runs and transformers'
+    flash_attention_4)
     w2         decode: 128 greedy tokens at batch 16 (left-padded prompts U(64, 1024)) and batch 1 (700
                tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
                CUDA graphs) and by the user's torch.compile(mode="reduce-overhead"); uncompiled modes time
@@ -294,7 +295,12 @@ def run_training(s, packed: bool):
                                  peak_gib=peak_gib(s["device"]), mfu=flops / median / 1e12 / peak,
                                  backend=_backend_used()))
                 if PROFILE and competitor in ("autoflash", "autoflash-torch", *PADDING_FREE, "flash_attention_4"):
-                    rows[-1]["profile"] = kernel_time_by_kind(step, s["device"])
+                    profiled = kernel_time_by_kind(step, s["device"])
+                    if profiled:
+                        # a faster kernel that shortens no step leaves the GPU waiting for the host: the step
+                        # (timed unprofiled) less its kernel time, with the host syncs that make it wait
+                        profiled["GPU idle"] = round(median * 1e3 - profiled["total"], 1)
+                    rows[-1]["profile"] = profiled
                     rows[-1]["profile"]["GiB held after forward"] = round(held[-1], 2) if held else None
             except Exception as exc:  # noqa: BLE001
                 if not is_oom(exc):
@@ -317,8 +323,12 @@ KINDS = (  # substrings of CUDA kernel names, first match wins
 )
 
 
+# CUDA runtime calls that block the host until the GPU catches up (`.item()`, `nonzero`, a `tolist`)
+HOST_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
 def kernel_time_by_kind(step, device) -> dict:
-    """CUDA kernel time of one step (ms), grouped by kind of kernel."""
+    """CUDA kernel time of one step (ms), grouped by kind of kernel, and the host syncs it made."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -328,8 +338,10 @@ def kernel_time_by_kind(step, device) -> dict:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         sync(device)
-    grouped = {}
+    grouped, syncs = {}, -1  # -1: the sync above, which closes the step, is the profiler's, not the step's
     for event in prof.key_averages():
+        if event.key in HOST_SYNCS:
+            syncs += event.count
         if event.device_type != DeviceType.CUDA:  # kernels only: CPU ops would count their kernels again
             continue
         total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
@@ -337,7 +349,7 @@ def kernel_time_by_kind(step, device) -> dict:
         kind = next((k for k, marks in KINDS if any(m in name for m in marks)), "other")
         grouped[kind] = grouped.get(kind, 0.0) + total / 1e3
     grouped["total"] = sum(grouped.values())
-    return {k: round(v, 1) for k, v in grouped.items()}
+    return {**{k: round(v, 1) for k, v in grouped.items()}, "host syncs": syncs}
 
 
 def _backend_used():
@@ -657,7 +669,7 @@ def table(workload, result) -> str:
             lambda r: f"{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}{r['mfu']:>7.1%}")
         for r in result["rows"]:
             if r.get("profile"):
-                lines.append(f"  kernel ms by kind, {r['competitor']}: " +
+                lines.append(f"  kernel ms by kind (GPU idle: step less kernels), {r['competitor']}: " +
                              ", ".join(f"{k} {v}" for k, v in r["profile"].items()))
     elif workload == "w2":
         for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
@@ -733,7 +745,7 @@ def main(argv=None) -> int:
     parser.add_argument("workload", choices=WORKLOADS + ["all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind")
+    parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind, host syncs, GPU idle time")
     parser.add_argument("--decode-batch", type=int, action="append", help="w2: batch sizes (default: 16 and 1)")
     parser.add_argument("--decode-mode", action="append", choices=list(DECODE_MODES), help="w2: modes (default: all)")
     parser.add_argument("--family", choices=list(FAMILY_MODELS), default="llama",
