@@ -13,7 +13,7 @@ import sys
 import torch
 
 from autoflash import dispatch, families, tracing
-from autoflash.call import AttentionCall, capability_of
+from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
 from autoflash.layout import FORWARD_LAYOUT, allowed_keys, pad_key_mask, plan_for, plan_traced
 from autoflash.settings import logger
 
@@ -86,7 +86,7 @@ class PackedRow:
             kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
             num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
             kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
-            needs_grad=needs_grad)
+            needs_grad=needs_grad, deterministic=needs_grad and deterministic_backward_asked())
         self.backend = dispatch.backend(dispatch.pick(self.call, device))
 
 
@@ -109,7 +109,8 @@ def _same_call(packed, query, key, dropout, is_causal, module, kwargs) -> bool:
             and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
             and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal
             and _binding_window(kwargs, packed.layout, key) is None)
-    # (needs_grad is not compared: no backend's choice for a varlen call depends on it)
+    # (needs_grad, and the deterministic backward that only a call with gradients asks for, are not compared:
+    # the forward's grad mode, which decided them, holds for each of its layers)
 
 
 def _binding_window(kwargs, layout, key):
@@ -220,7 +221,7 @@ def _decided(layout, module, query, key, value, dropout, is_causal, window=None)
         call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
         return call, dispatch.pick(call, query.device)
     memo = ("decision", query.shape, key.shape, query.dtype, query.device, float(dropout), causal, needs_grad,
-            window, dispatch.routing())
+            window, dispatch.routing(), needs_grad and deterministic_backward_asked())
     decided = layout.derived.get(memo)
     if decided is None:
         call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
@@ -235,7 +236,7 @@ def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, wi
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
         q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
-        window=window,
+        window=window, deterministic=needs_grad and deterministic_backward_asked(),
     )
 
 

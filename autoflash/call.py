@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -33,6 +34,8 @@ class AttentionCall:
     # a call being traced by torch.compile or torch.export (dispatch decides it once, at trace time):
     # only kernels that trace may serve it
     traced: bool = False
+    # its backward must give the same gradients bit for bit on every run (deterministic_backward_asked)
+    deterministic: bool = False
 
     @property
     def gqa_ratio(self) -> int:
@@ -44,7 +47,18 @@ class AttentionCall:
                 + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
                 + (f" dropout={self.dropout}" if self.dropout else "")
                 + (f" sliding_window={self.window}" if self.window is not None else "")
-                + (" grad" if self.needs_grad else "") + (" traced" if self.traced else ""))
+                + (" grad" if self.needs_grad else "") + (" deterministic" if self.deterministic else "")
+                + (" traced" if self.traced else ""))
+
+
+@torch.compiler.assume_constant_result  # (a compiled program keeps its trace time's answer)
+def deterministic_backward_asked() -> bool:
+    """Whether the user asked for reproducible attention gradients: torch's switch
+    (``torch.use_deterministic_algorithms(True)``, not ``warn_only``, which torch's own flash backward
+    obeys) or ``FLASH_ATTENTION_DETERMINISTIC=1``, the one transformers' flash-attn path obeys. The
+    Trainer's ``full_determinism`` sets both. A backend that serves such a call must honour it."""
+    return ((torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled())
+            or os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1")
 
 
 @functools.lru_cache(maxsize=None)

@@ -125,7 +125,7 @@ def pick(call: AttentionCall, device) -> str:
     return _choose_at_trace_time(call.kind, call.device_type, index, call.dtype, call.head_dim, call.num_heads,
                                  call.num_kv_heads, _constant_length(call.q_len), _constant_length(call.kv_len),
                                  call.dropout, call.causal, call.needs_grad, call.left_padded_cache,
-                                 call.cache_keys_contiguous, call.window)
+                                 call.cache_keys_contiguous, call.window, call.deterministic)
 
 
 def _constant_length(length):
@@ -135,12 +135,14 @@ def _constant_length(length):
 
 @torch.compiler.assume_constant_result
 def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_heads, num_kv_heads, q_len, kv_len,
-                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous, window) -> str:
+                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous, window,
+                          deterministic) -> str:
     capability = device_capability(device_index) if device_type == "cuda" else None
     call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
                          num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
                          causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,
-                         cache_keys_contiguous=cache_keys_contiguous, window=window, traced=True)
+                         cache_keys_contiguous=cache_keys_contiguous, window=window, traced=True,
+                         deterministic=deterministic)
     name = choose(call).backend
     tracing.note(f"traced {kind}", f"{call.describe()} -> {name}")
     return name

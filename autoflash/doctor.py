@@ -65,13 +65,14 @@ def _torch_facts():
 def _example_calls(gpu):
     import torch
 
-    from autoflash.call import AttentionCall, capability_of
+    from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
 
     device = torch.device("cuda") if gpu else torch.device("cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     common = dict(device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=128,
                   num_heads=32, num_kv_heads=8, dropout=0.0, causal=True)
-    training = AttentionCall(kind="varlen", q_len=2048, kv_len=2048, needs_grad=True, **common)
+    training = AttentionCall(kind="varlen", q_len=2048, kv_len=2048, needs_grad=True,
+                             deterministic=deterministic_backward_asked(), **common)
     decode = AttentionCall(kind="cache", q_len=1, kv_len=2048, needs_grad=False, left_padded_cache=True, **common)
     return {"training (padded batch, LLaMA-3-8B heads)": training, "decode (left-padded kv cache)": decode}
 

@@ -8,6 +8,8 @@ functions' signatures rather than from version strings:
   left-padded cache cannot be served and the call falls back.
 - ``flash_attn_varlen_func`` / ``flash_attn_func`` return a tensor unless asked for
   probabilities (``return_attn_probs``), in every 2.x release.
+- ``deterministic=`` (a backward that gives the same gradients on every run) exists from
+  2.4.1 on; a call that asks for it (``AttentionCall.deterministic``) is refused without it.
 
 torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
 ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
@@ -92,11 +94,19 @@ class _FlashAttn:
         fns, _ = self._module()
         return fns is not None and "cache_leftpad" in inspect.signature(fns[2]).parameters
 
+    @functools.cached_property
+    def _has_deterministic(self) -> bool:
+        fns, _ = self._module()
+        return fns is not None and "deterministic" in inspect.signature(fns[1]).parameters
+
     def reasons_not_supported(self, call: AttentionCall) -> List[str]:
         reasons = self.unavailable_reasons()
         if reasons:
             return reasons
         reasons = flash_hardware_reasons(call) + traced_padding_reason(call) + window_reason(call)
+        if call.deterministic and not self._has_deterministic:
+            reasons.append(f"deterministic backward asked for, which flash-attn {self.version()} lacks "
+                           "(needs >= 2.4.1)")
         if call.kind == "cache":
             if call.needs_grad:
                 reasons.append("kv-cache call with gradients (flash_attn_with_kvcache has no backward)")
@@ -111,13 +121,15 @@ class _FlashAttn:
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
         dense, varlen, with_kvcache = self.functions  # set by the reasons_not_supported that chose this backend
+        # (asked for only where wanted: releases before 2.4.1 have no such argument)
+        deterministic = {"deterministic": True} if call.deterministic else {}
         if layout.kind == "dense":
             return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=call.dropout,
-                         softmax_scale=scale, causal=call.causal)
+                         softmax_scale=scale, causal=call.causal, **deterministic)
         if layout.kind == "varlen":
             out = varlen(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout.cu_seqlens, layout.cu_seqlens,
                          layout.max_seqlen, layout.max_seqlen, dropout_p=call.dropout, softmax_scale=scale,
-                         causal=call.causal)
+                         causal=call.causal, **deterministic)
             return pad(out, layout)
         # transformers' caches are (batch, kv_heads, len, dim); the transposed view is the
         # (batch, len, kv_heads, dim) layout the kernel reads, with no copy.

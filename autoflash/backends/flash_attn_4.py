@@ -13,7 +13,9 @@ What it serves, and why no more:
 - not traced calls: its kernels are not registered with ``torch.library``, so torch.compile
   would break the graph at each one (and torch.export would fail); compiled programs keep the
   kernels that trace.
-- not dropout (it has none), not a sliding window (not yet measured here).
+- not dropout (it has none), not a sliding window, not a deterministic backward (not yet
+  measured here: such calls go to flash-attn 2, which is asked for its deterministic backward,
+  or to torch's kernels, which follow ``torch.use_deterministic_algorithms``).
 
 It compiles its kernels with the CuTe DSL once per configuration (dtype, head dim, causal,
 varlen or not, forward and backward apart): seconds, not the ~55 ms per new *shape* that cuDNN
@@ -175,6 +177,10 @@ class _FlashAttn4:
                            "served by a kernel that traces)")
         if call.dropout:
             reasons.append(f"dropout={call.dropout} (supported: 0)")
+        if call.deterministic:
+            # it has a deterministic backward, but autoflash has not yet measured it on a GPU
+            reasons.append("deterministic backward asked for (torch.use_deterministic_algorithms or "
+                           "FLASH_ATTENTION_DETERMINISTIC=1: FlashAttention-4's is not yet verified by autoflash)")
         reasons += window_reason(call)
         if call.kind == "cache":
             if call.q_len == 1:

@@ -11,6 +11,10 @@
 - a prefill of several tokens into a cache: the valid keys of each row are gathered and
   run through the varlen kernel, whose causal mask is aligned bottom-right.
 
+A deterministic backward needs nothing from here: torch's flash backward is deterministic by
+itself under ``torch.use_deterministic_algorithms(True)`` (as SDPA's is); flash-attn's own switch,
+``FLASH_ATTENTION_DETERMINISTIC``, does not reach torch's kernels.
+
 cuDNN attention is left out on purpose: it builds a graph per new shape (50-60 ms each on
 an H100), which every new batch length or decode step would pay.
 """

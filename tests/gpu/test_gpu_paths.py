@@ -204,6 +204,51 @@ def test_flash_attention_4_times_its_first_forward_and_backward_per_configuratio
     assert all(seconds > 0 for seconds in compiled.values()), compiled
 
 
+def _attention_gradients(backend, deterministic, runs=3):
+    """dq, dk, dv of one padded GQA batch (bf16, hd128, 32/8 heads) through ``backend``, ``runs`` times."""
+    from autoflash.call import AttentionCall, capability_of
+    from autoflash.layout import plan_without_cache
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lengths, width = [4096, 1500, 3000, 2048], 4096
+    mask = padding_mask(lengths, "right", device="cuda").bool()
+    layout = plan_without_cache(mask, None, len(lengths), width, mask.device)
+    q, k, v = (torch.randn(len(lengths), heads, width, 128, device="cuda", dtype=torch.bfloat16, generator=generator,
+                           requires_grad=True) for heads in (32, 8, 8))
+    grad_out = torch.randn(len(lengths), width, 32, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    call = AttentionCall(kind="varlen", device_type="cuda", capability=capability_of(q.device), dtype=q.dtype,
+                         head_dim=128, num_heads=32, num_kv_heads=8, q_len=width, kv_len=width, dropout=0.0,
+                         causal=True, needs_grad=True, deterministic=deterministic)
+    kernel = dispatch.backend(backend)
+    assert not kernel.reasons_not_supported(call)
+    return [torch.autograd.grad(kernel.run(q, k, v, layout, call, 128 ** -0.5), (q, k, v), grad_out)
+            for _ in range(runs)]
+
+
+def _all_equal(runs):
+    return all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+
+
+@pytest.mark.parametrize("backend,switch", [("flash_attn", "FLASH_ATTENTION_DETERMINISTIC=1"),
+                                            ("torch", "torch.use_deterministic_algorithms(True)")])
+def test_a_deterministic_backward_repeats_its_gradients_bit_for_bit(backend, switch):
+    """flash-attn 2 is handed ``deterministic=True`` (the call record carries the request); torch's kernels
+    follow torch's switch by themselves. The case must first show run-to-run differences without it."""
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} not available here")
+    if _all_equal(_attention_gradients(backend, deterministic=False)):
+        pytest.skip(f"{backend}'s backward repeated itself bit for bit without the switch: this case cannot tell")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(switch.startswith("torch"))
+    try:
+        repeated = _all_equal(_attention_gradients(backend, deterministic=True))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    RESULTS.append((f"deterministic bwd {backend}", backend, float(not repeated), float("nan"), float("nan"),
+                    float("nan")))
+    assert repeated, f"{backend}'s gradients differed between runs under {switch}"
+
+
 def _greedy_loop_matches_eager(fast, eager_half, cache, dtype):
     from test_generation_matches_eager import greedy_loop
 
