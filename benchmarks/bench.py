@@ -175,12 +175,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device):
+def timed(fn, device, wait=True):
+    """Seconds for ``fn`` from an empty GPU queue until its work is done, or (``wait=False``) until it
+    returns: the host's share, near the whole when the step is host-bound."""
     sync(device)
     start = time.perf_counter()
     fn()
+    if wait:
+        sync(device)
+    seconds = time.perf_counter() - start
     sync(device)
-    return time.perf_counter() - start
+    return seconds
 
 
 def reset_memory(device):
@@ -298,8 +303,10 @@ def run_training(s, packed: bool):
                     profiled = kernel_time_by_kind(step, s["device"])
                     if profiled:
                         # a faster kernel that shortens no step leaves the GPU waiting for the host: the step
-                        # (timed unprofiled) less its kernel time, with the host syncs that make it wait
+                        # (timed unprofiled) less its kernel time, with the host syncs that make it wait, and
+                        # how long the host takes to hand the step over (near the step's time: host-bound)
                         profiled["GPU idle"] = round(median * 1e3 - profiled["total"], 1)
+                        profiled["host ms"] = round(timed(step, s["device"], wait=False) * 1e3, 1)
                     rows[-1]["profile"] = profiled
                     rows[-1]["profile"]["GiB held after forward"] = round(held[-1], 2) if held else None
             except Exception as exc:  # noqa: BLE001
@@ -669,7 +676,8 @@ def table(workload, result) -> str:
             lambda r: f"{r['tokens_per_s']:>10.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}{r['mfu']:>7.1%}")
         for r in result["rows"]:
             if r.get("profile"):
-                lines.append(f"  kernel ms by kind (GPU idle: step less kernels), {r['competitor']}: " +
+                # GPU idle: the step less its kernels; host ms: until the step returns, not waiting for the GPU
+                lines.append(f"  profile of {r['competitor']} (kernel ms by kind, GPU idle, host syncs, host ms): " +
                              ", ".join(f"{k} {v}" for k, v in r["profile"].items()))
     elif workload == "w2":
         for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
