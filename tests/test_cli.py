@@ -38,6 +38,16 @@ def test_doctor_in_a_distributed_job_says_which_rank_it_speaks_for():
                                                                             "local_rank": 1}
 
 
+def test_doctor_shows_a_requested_deterministic_backward_in_its_training_call():
+    """The user who set transformers' switch sees it reach the choice (and, on a Hopper GPU, FlashAttention-4
+    step aside for it)."""
+    out = _cli("doctor", env={**os.environ, "FLASH_ATTENTION_DETERMINISTIC": "1"}).stdout
+    assert any(line.startswith("training (padded batch") and " grad deterministic" in line
+               for line in out.splitlines()), out
+    plain = _cli("doctor", env={k: v for k, v in os.environ.items() if k != "FLASH_ATTENTION_DETERMINISTIC"}).stdout
+    assert " deterministic" not in plain
+
+
 def test_doctor_under_the_disable_switch_says_so():
     env = {**os.environ, "AUTOFLASH_DISABLE": "1"}
     out = _cli("doctor", env=env).stdout
