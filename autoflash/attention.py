@@ -86,7 +86,7 @@ class PackedRow:
             kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
             num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
             kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
-            needs_grad=needs_grad, deterministic=needs_grad and deterministic_backward_asked())
+            needs_grad=needs_grad, deterministic=_deterministic(needs_grad, training))
         self.backend = dispatch.backend(dispatch.pick(self.call, device))
 
 
@@ -109,8 +109,8 @@ def _same_call(packed, query, key, dropout, is_causal, module, kwargs) -> bool:
             and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
             and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal
             and _binding_window(kwargs, packed.layout, key) is None)
-    # (needs_grad, and the deterministic backward that only a call with gradients asks for, are not compared:
-    # the forward's grad mode, which decided them, holds for each of its layers)
+    # (needs_grad and the deterministic backward's request are not compared: the forward's grad mode and
+    # training flag, which decided them, hold for each of its layers)
 
 
 def _binding_window(kwargs, layout, key):
@@ -124,6 +124,13 @@ def _binding_window(kwargs, layout, key):
     packed = layout.kind == "varlen" and layout.total == layout.batch * layout.q_len
     longest = layout.max_seqlen if packed else key.shape[2]
     return int(window) if longest > window else None
+
+
+def _deterministic(needs_grad: bool, training: bool) -> str:
+    """Who asked for a deterministic backward, for a call that has or will have one: a training module's
+    forward without gradients too (reentrant checkpointing's first pass), so that it runs the kernel its
+    recomputation will."""
+    return deterministic_backward_asked() if needs_grad or training else ""
 
 
 def _needs_grad(query, key, value) -> bool:
@@ -217,26 +224,28 @@ def _decided(layout, module, query, key, value, dropout, is_causal, window=None)
     """
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     needs_grad = _needs_grad(query, key, value)
+    deterministic = _deterministic(needs_grad, getattr(module, "training", False))
     if tracing.is_tracing():
-        call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic)
         return call, dispatch.pick(call, query.device)
     memo = ("decision", query.shape, key.shape, query.dtype, query.device, float(dropout), causal, needs_grad,
-            window, dispatch.routing(), needs_grad and deterministic_backward_asked())
+            window, dispatch.routing(), deterministic)
     decided = layout.derived.get(memo)
     if decided is None:
-        call = _call_record(layout, query, key, dropout, causal, needs_grad, window)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic)
         decided = layout.derived[memo] = (call, dispatch.pick(call, query.device))
     return decided
 
 
-def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, window=None) -> AttentionCall:
+def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, window=None,
+                 deterministic: str = "") -> AttentionCall:
     batch, num_heads, q_len, head_dim = query.shape
     return AttentionCall(
         kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
         q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
-        window=window, deterministic=needs_grad and deterministic_backward_asked(),
+        window=window, deterministic=deterministic,
     )
 
 

@@ -34,8 +34,9 @@ class AttentionCall:
     # a call being traced by torch.compile or torch.export (dispatch decides it once, at trace time):
     # only kernels that trace may serve it
     traced: bool = False
-    # its backward must give the same gradients bit for bit on every run (deterministic_backward_asked)
-    deterministic: bool = False
+    # who asked for a backward that gives the same gradients on every run ("" nobody; see
+    # deterministic_backward_asked): set on training calls, those with gradients or in a training module
+    deterministic: str = ""
 
     @property
     def gqa_ratio(self) -> int:
@@ -47,18 +48,24 @@ class AttentionCall:
                 + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
                 + (f" dropout={self.dropout}" if self.dropout else "")
                 + (f" sliding_window={self.window}" if self.window is not None else "")
-                + (" grad" if self.needs_grad else "") + (" deterministic" if self.deterministic else "")
+                + (" grad" if self.needs_grad else "")
+                + (f" deterministic ({self.deterministic})" if self.deterministic else "")
                 + (" traced" if self.traced else ""))
 
 
+TORCH_SWITCH = "torch.use_deterministic_algorithms"
+FLASH_ATTN_SWITCH = "FLASH_ATTENTION_DETERMINISTIC=1"
+
+
 @torch.compiler.assume_constant_result  # (a compiled program keeps its trace time's answer)
-def deterministic_backward_asked() -> bool:
-    """Whether the user asked for reproducible attention gradients: torch's switch
-    (``torch.use_deterministic_algorithms(True)``, not ``warn_only``, which torch's own flash backward
-    obeys) or ``FLASH_ATTENTION_DETERMINISTIC=1``, the one transformers' flash-attn path obeys. The
-    Trainer's ``full_determinism`` sets both. A backend that serves such a call must honour it."""
-    return ((torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled())
-            or os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1")
+def deterministic_backward_asked() -> str:
+    """Which switch asks for reproducible attention gradients, "" if none: torch's
+    (``torch.use_deterministic_algorithms(True)``, not ``warn_only``: every kernel, torch's own flash
+    backward included, must be deterministic), else ``FLASH_ATTENTION_DETERMINISTIC=1``, flash-attn's,
+    which transformers hands to flash-attn only. The Trainer's ``full_determinism`` sets both."""
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return TORCH_SWITCH
+    return FLASH_ATTN_SWITCH if os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1" else ""
 
 
 @functools.lru_cache(maxsize=None)

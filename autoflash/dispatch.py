@@ -16,7 +16,7 @@ from typing import Dict, Tuple
 import torch
 
 from autoflash import backends, tracing
-from autoflash.call import AttentionCall, device_capability
+from autoflash.call import FLASH_ATTN_SWITCH, AttentionCall, device_capability
 from autoflash.settings import EXCLUDE_CHOICES, logger, settings
 
 
@@ -156,6 +156,7 @@ def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, exclud
         if not reasons:
             decision = Decision(name, tuple(refused))
             _log_fallback(call, decision)
+            _warn_if_determinism_is_not_kept(call, decision)
             return decision
         refused.append((name, reasons))
     decision = Decision("", tuple(refused))
@@ -184,6 +185,21 @@ def _log_fallback(call: AttentionCall, decision: Decision) -> None:
                    {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
                     "masked": "traced padded/packed"}[call.kind],
                    decision.backend, decision.why())
+
+
+def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) -> None:
+    """flash-attn's switch alone reaches flash-attn only (as in transformers); a GPU call that another kernel
+    serves keeps a non-deterministic backward unless torch's switch is on too. Once per backend."""
+    if call.deterministic != FLASH_ATTN_SWITCH or call.device_type != "cuda" or decision.backend == "flash_attn":
+        return
+    key = ("deterministic", decision.backend)
+    if key in _warned:
+        return
+    _warned[key] = True
+    logger.warning("autoflash: %s asks flash-attn for a deterministic backward, but %s serves this training "
+                   "call (%s), and its backward is deterministic only under torch.use_deterministic_algorithms(True)"
+                   ": set that too, or install flash-attn >= 2.4.1", FLASH_ATTN_SWITCH, decision.backend,
+                   decision.why() or call.describe())
 
 
 def _user_can_act(call: AttentionCall, decision: Decision) -> bool:

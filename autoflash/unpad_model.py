@@ -378,7 +378,8 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, ho
         total = packed_positions.shape[1]
         row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
         hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.embed_tokens.weight.dtype
-        # (gradients decide nothing for a varlen call: the record only says whether they are on)
+        # (whether gradients are on, and so whether a deterministic backward is asked for: the forward's,
+        # for every layer)
         row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
         kwargs["autoflash_packed_row"] = row
     token = _published.set((packed_positions.shape[1], boundaries, length)) if publish else None

@@ -105,8 +105,8 @@ class _FlashAttn:
             return reasons
         reasons = flash_hardware_reasons(call) + traced_padding_reason(call) + window_reason(call)
         if call.deterministic and not self._has_deterministic:
-            reasons.append(f"deterministic backward asked for, which flash-attn {self.version()} lacks "
-                           "(needs >= 2.4.1)")
+            reasons.append(f"deterministic backward asked for ({call.deterministic}), which flash-attn "
+                           f"{self.version()} lacks (needs >= 2.4.1)")
         if call.kind == "cache":
             if call.needs_grad:
                 reasons.append("kv-cache call with gradients (flash_attn_with_kvcache has no backward)")

@@ -179,8 +179,8 @@ class _FlashAttn4:
             reasons.append(f"dropout={call.dropout} (supported: 0)")
         if call.deterministic:
             # it has a deterministic backward, but autoflash has not yet measured it on a GPU
-            reasons.append("deterministic backward asked for (torch.use_deterministic_algorithms or "
-                           "FLASH_ATTENTION_DETERMINISTIC=1: FlashAttention-4's is not yet verified by autoflash)")
+            reasons.append(f"deterministic backward asked for ({call.deterministic}): FlashAttention-4's is not "
+                           "yet verified by autoflash")
         reasons += window_reason(call)
         if call.kind == "cache":
             if call.q_len == 1:

@@ -63,9 +63,10 @@ def missing(module, family) -> List[str]:
 class _Caller:
     """What autoflash's attention function reads of the module that calls it."""
 
-    def __init__(self, is_causal: bool, config=None):
+    def __init__(self, is_causal: bool, config=None, training: bool = False):
         self.is_causal = is_causal
         self.config = config
+        self.training = training  # (4.43-4.47 hand the function no module: not known there)
 
 
 def _run(module_or_caller, query, key, value, attention_mask, dropout, softmax_scale, position_ids):
@@ -90,8 +91,8 @@ def _module_level(query_states, key_states, value_states, attention_mask, query_
 def _method(self, query_states, key_states, value_states, attention_mask, query_length, dropout=0.0,
             softmax_scale=None):
     """Stands in for LlamaFlashAttention2._flash_attention_forward (transformers 4.37-4.42)."""
-    return _run(_Caller(self.is_causal, getattr(self, "config", None)), query_states, key_states, value_states,
-                attention_mask, dropout, softmax_scale, getattr(self, "_autoflash_position_ids", None))
+    return _run(_Caller(self.is_causal, getattr(self, "config", None), self.training), query_states, key_states,
+                value_states, attention_mask, dropout, softmax_scale, getattr(self, "_autoflash_position_ids", None))
 
 
 _warned = []

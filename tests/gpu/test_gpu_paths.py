@@ -204,9 +204,10 @@ def test_flash_attention_4_times_its_first_forward_and_backward_per_configuratio
     assert all(seconds > 0 for seconds in compiled.values()), compiled
 
 
-def _attention_gradients(backend, deterministic, runs=3):
-    """dq, dk, dv of one padded GQA batch (bf16, hd128, 32/8 heads) through ``backend``, ``runs`` times."""
-    from autoflash.call import AttentionCall, capability_of
+def _attention_gradients(backend, runs=3):
+    """dq, dk, dv of one padded GQA batch (bf16, hd128, 32/8 heads) through ``backend``, ``runs`` times, with the
+    deterministic backward asked for as the switches now in force say; None where ``backend`` cannot serve it."""
+    from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
     from autoflash.layout import plan_without_cache
 
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -218,9 +219,10 @@ def _attention_gradients(backend, deterministic, runs=3):
     grad_out = torch.randn(len(lengths), width, 32, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
     call = AttentionCall(kind="varlen", device_type="cuda", capability=capability_of(q.device), dtype=q.dtype,
                          head_dim=128, num_heads=32, num_kv_heads=8, q_len=width, kv_len=width, dropout=0.0,
-                         causal=True, needs_grad=True, deterministic=deterministic)
+                         causal=True, needs_grad=True, deterministic=deterministic_backward_asked())
     kernel = dispatch.backend(backend)
-    assert not kernel.reasons_not_supported(call)
+    if kernel.reasons_not_supported(call):
+        return None
     return [torch.autograd.grad(kernel.run(q, k, v, layout, call, 128 ** -0.5), (q, k, v), grad_out)
             for _ in range(runs)]
 
@@ -231,19 +233,26 @@ def _all_equal(runs):
 
 @pytest.mark.parametrize("backend,switch", [("flash_attn", "FLASH_ATTENTION_DETERMINISTIC=1"),
                                             ("torch", "torch.use_deterministic_algorithms(True)")])
-def test_a_deterministic_backward_repeats_its_gradients_bit_for_bit(backend, switch):
+def test_a_deterministic_backward_repeats_its_gradients_bit_for_bit(backend, switch, monkeypatch):
     """flash-attn 2 is handed ``deterministic=True`` (the call record carries the request); torch's kernels
     follow torch's switch by themselves. The case must first show run-to-run differences without it."""
-    if backend not in BACKENDS:
-        pytest.skip(f"{backend} not available here")
-    if _all_equal(_attention_gradients(backend, deterministic=False)):
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    free = _attention_gradients(backend) if backend in BACKENDS else None
+    if free is None:
+        pytest.skip(f"{backend} cannot serve this case here")
+    if _all_equal(free):
         pytest.skip(f"{backend}'s backward repeated itself bit for bit without the switch: this case cannot tell")
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(switch.startswith("torch"))
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if switch.startswith("torch"):
+        torch.use_deterministic_algorithms(True)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_DETERMINISTIC", "1")
     try:
-        repeated = _all_equal(_attention_gradients(backend, deterministic=True))
+        runs = _attention_gradients(backend)
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert runs is not None, f"{backend} refused the call under {switch}"
+    repeated = _all_equal(runs)
     RESULTS.append((f"deterministic bwd {backend}", backend, float(not repeated), float("nan"), float("nan"),
                     float("nan")))
     assert repeated, f"{backend}'s gradients differed between runs under {switch}"
