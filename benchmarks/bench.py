@@ -753,7 +753,8 @@ def main(argv=None) -> int:
     parser.add_argument("workload", choices=WORKLOADS + ["all"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script runs")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--profile", action="store_true", help="w1/w1packed: CUDA kernel time of one step by kind, host syncs, GPU idle time")
+    parser.add_argument("--profile", action="store_true",
+                        help="w1/w1packed: one step's CUDA kernel time by kind, GPU idle time, host syncs, host time")
     parser.add_argument("--decode-batch", type=int, action="append", help="w2: batch sizes (default: 16 and 1)")
     parser.add_argument("--decode-mode", action="append", choices=list(DECODE_MODES), help="w2: modes (default: all)")
     parser.add_argument("--family", choices=list(FAMILY_MODELS), default="llama",
