@@ -170,16 +170,22 @@ def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, exclud
 _warned: Dict[tuple, bool] = {}
 
 
+def _first_time(key: tuple) -> bool:
+    """Whether this is the first warning of its kind in the process (``clear_cache`` forgets them)."""
+    if key in _warned:
+        return False
+    _warned[key] = True
+    return True
+
+
 def _log_fallback(call: AttentionCall, decision: Decision) -> None:
     logger.debug("%s -> %s%s", call.describe(), decision.backend,
                  f" ({decision.why()})" if decision.refused else "")
     if not decision.refused or decision.backend == "reference":
         return
     # one warning per kind of fallback: same path, same chosen backend, same reasons for the first refusal
-    key = (call.kind, decision.backend, decision.refused[0])
-    if key in _warned:
+    if not _first_time((call.kind, decision.backend, decision.refused[0])):
         return
-    _warned[key] = True
     log = logger.warning if _user_can_act(call, decision) else logger.info
     log("autoflash: %s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
                    {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
@@ -192,10 +198,8 @@ def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) ->
     serves keeps a non-deterministic backward unless torch's switch is on too. Once per backend."""
     if call.deterministic != FLASH_ATTN_SWITCH or call.device_type != "cuda" or decision.backend == "flash_attn":
         return
-    key = ("deterministic", decision.backend)
-    if key in _warned:
+    if not _first_time(("deterministic", decision.backend)):
         return
-    _warned[key] = True
     logger.warning("autoflash: %s asks flash-attn for a deterministic backward, but %s serves this training "
                    "call (%s), and its backward is deterministic only under torch.use_deterministic_algorithms(True)"
                    ": set that too, or install flash-attn >= 2.4.1", FLASH_ATTN_SWITCH, decision.backend,

@@ -360,20 +360,21 @@ def boundaries_of(layout: Layout, batch: int, length: int, device) -> dict:
                 max_length_k=layout.max_seqlen)
 
 
-def packed_forward(original, module, input_ids, position_ids, kwargs, layout, how: Release, packed_output=False):
+def packed_forward(original, module, input_ids, position_ids, kwargs, layout, release: Release,
+                   packed_output=False):
     inputs_embeds = kwargs.pop("inputs_embeds", None)
     source = input_ids if input_ids is not None else inputs_embeds
     batch, length, device = source.shape[0], source.shape[1], source.device
     boundaries = boundaries_of(layout, batch, length, device)
-    publish = how.published(module)  # (never in a traced call: see wrap)
+    publish = release.published(module)  # (never in a traced call: see wrap)
     packed_positions = pack(_positions(position_ids, batch, length, device), layout)
     # An all-ones mask: without one, transformers would search the packed position ids for
     # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
-    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if how.mask_for_packed_row \
+    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if release.mask_for_packed_row \
         else None
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
-    if how.as_kwargs:
+    if release.as_kwargs:
         kwargs.update(boundaries)
         total = packed_positions.shape[1]
         row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
@@ -393,6 +394,6 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, ho
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)
         out["hidden_states"] = tuple(None if h is None else scatter(h, layout) for h in out["hidden_states"])
-    for name in [k for k in how.cache_names if k in out.keys()]:
-        out[name] = how.repad_cache(out[name], layout)
+    for name in [k for k in release.cache_names if k in out.keys()]:
+        out[name] = release.repad_cache(out[name], layout)
     return out

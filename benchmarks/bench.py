@@ -25,9 +25,9 @@ Workloads (sizes of ../docs/benchmarks.md; ``--smoke`` shrinks everything to run
 
     w1         train: LLaMA-3-8B-shaped layers x4, batch 8, lengths U(128, 4096), right padding
     w1packed   the same tokens packed into one row through position_ids
-    (``w1 --profile``: the CUDA kernel time of one step by kind, its host syncs and the GPU's idle time
-    (the step less its kernels): autoflash, autoflash-torch, the padding-free runs and transformers'
-    flash_attention_4)
+    (``w1 --profile``: the CUDA kernel time of one step by kind, the GPU's idle time (the step less
+    its kernels), its host syncs and the host's time until it returns: autoflash, autoflash-torch, the
+    padding-free runs and transformers' flash_attention_4)
     w2         decode: 128 greedy tokens at batch 16 (left-padded prompts U(64, 1024)) and batch 1 (700
                tokens); dynamic cache, static cache uncompiled, compiled by transformers (its default,
                CUDA graphs) and by the user's torch.compile(mode="reduce-overhead"); uncompiled modes time
