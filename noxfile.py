@@ -35,7 +35,7 @@ TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py
          "tests/test_whole_model_padding_removal.py", "tests/test_layout.py", "tests/test_patch_policy.py",
          "tests/test_backend_choice.py", "tests/test_startup.py", "tests/test_never_worse.py",
          "tests/test_quiet_by_default.py", "tests/test_distributed.py", "tests/test_families.py",
-         "tests/test_deterministic_backward.py"]
+         "tests/test_deterministic_backward.py", "tests/test_sdpa_by_sequence.py"]
 
 
 @nox.session

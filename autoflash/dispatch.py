@@ -71,15 +71,30 @@ def excluded(*names: str):
         yield
 
 
+# Who stepped the flash kernels aside where the user switched SDPA's flash kernel off
+SDPA_SWITCHES = ("SDPA's flash kernel switched off: torch.nn.attention.sdpa_kernel or "
+                 "torch.backends.cuda.enable_flash_sdp")
+
+
 def _excluded() -> Tuple[Tuple[str, str], ...]:
     """(backend, who excluded it) pairs in force in this thread."""
-    return tuple((n, "AUTOFLASH_EXCLUDE") for n in settings().exclude) + tuple(
+    chosen = tuple((n, "AUTOFLASH_EXCLUDE") for n in settings().exclude) + tuple(
         (n, "dispatch.excluded()") for n in _excluded_here.get() if n not in settings().exclude)
+    if _flash_sdp_enabled():
+        return chosen
+    # The user chose SDPA's kernels (`with sdpa_kernel(SDPBackend.MATH)` for a double backward or a
+    # reference run, say): transformers' own sdpa would obey, so SDPA serves under their switches.
+    return chosen + tuple((n, SDPA_SWITCHES) for n in backends.FLASH_KERNELS if n not in dict(chosen))
+
+
+def _flash_sdp_enabled() -> bool:
+    # (a process-wide flag in torch; autoflash's torch backend sets it only around its own kernel calls)
+    return torch.backends.cuda.flash_sdp_enabled()
 
 
 def routing() -> tuple:
     """What, besides the call itself, decides its backend: callers keeping a decision key it on this."""
-    return _generation[0], _forced_name.get(), settings().backend, settings().exclude
+    return _generation[0], _forced_name.get(), settings().backend, settings().exclude, _flash_sdp_enabled()
 
 
 def _candidates():
@@ -210,8 +225,11 @@ def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
     """A warning only where the user can do something: a GPU call that no flash kernel serves (its dtype,
     the GPU, a missing package; the reasons say which). A CPU call runs SDPA by design, a traced padded
     call and a cache whose key mask has holes by necessity, a sliding window because no flash kernel here
-    applies one yet, and a flash kernel serving is no fallback worth a word: those are logged at INFO."""
+    applies one yet, SDPA under the user's own switches because they chose it, and a flash kernel serving
+    is no fallback worth a word: those are logged at INFO."""
     if call.device_type != "cuda" or decision.backend in backends.FLASH_KERNELS or call.window is not None:
+        return False
+    if decision.refused[0][1] == (f"excluded ({SDPA_SWITCHES})",):
         return False
     return call.kind != "masked" and not (call.kind == "cache" and not call.cache_keys_contiguous)
 

@@ -1,5 +1,7 @@
 """Dispatch picks the first backend with no reason against a call, and says why it refused the others."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -157,3 +159,51 @@ def test_exclude_env_switch_is_read_and_unknown_names_are_named(monkeypatch, cap
     assert decision.backend == "torch" and _reasons(decision, "flash_attn") == ("excluded (AUTOFLASH_EXCLUDE)",)
     assert ("AUTOFLASH_EXCLUDE='flash_attn, bogus': 'bogus' not one of flash_attn_4|flash_attn|torch; ignored"
             in caplog.text)
+
+
+@pytest.mark.parametrize("switch_off", ["sdpa_kernel(MATH)", "enable_flash_sdp(False)"])
+def test_a_user_who_switches_sdpas_flash_kernel_off_gets_sdpa_under_their_switches(monkeypatch, caplog, switch_off):
+    """transformers' own sdpa obeys `with sdpa_kernel(SDPBackend.MATH)` (a double backward, a reference run) and
+    `torch.backends.cuda.enable_flash_sdp(False)`; so does autoflash: its flash kernels step aside, quietly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _flash_attn_serves_everything(monkeypatch)
+    assert dispatch.choose(_call()).backend == "flash_attn_4" or dispatch.choose(_call()).backend == "flash_attn"
+    before = dispatch.routing()
+    if switch_off == "sdpa_kernel(MATH)":
+        context = sdpa_kernel([SDPBackend.MATH])
+    else:
+        context = contextlib.ExitStack()
+        flash_was = torch.backends.cuda.flash_sdp_enabled()
+        torch.backends.cuda.enable_flash_sdp(False)
+        context.callback(torch.backends.cuda.enable_flash_sdp, flash_was)
+    with context:
+        assert dispatch.routing() != before  # decisions kept per forward are keyed on the switch
+        decision = dispatch.choose(_call())
+    assert decision.backend == "sdpa"
+    for name in backends.FLASH_KERNELS:
+        assert _reasons(decision, name) == (f"excluded ({dispatch.SDPA_SWITCHES})",)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert dispatch.routing() == before and dispatch.choose(_call()).backend != "sdpa"
+
+
+def test_a_model_run_under_sdpa_kernel_math_takes_a_double_backward_as_eager():
+    """A gradient penalty needs the gradient's own gradient, which only SDPA's math kernel gives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from conftest import model_pair, relative_error
+
+    fast, eager = model_pair(seed=3)
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    penalties = []
+    for model in (fast, eager):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
+            penalty = grad.pow(2).sum()
+            penalty.backward()
+        penalties.append((penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
+    assert dispatch.last_decisions["dense"].backend == "sdpa"
+    assert relative_error(penalties[0][0], penalties[1][0]) < 1e-5
+    assert relative_error(penalties[0][1], penalties[1][1]) < 1e-4

@@ -31,3 +31,14 @@ def test_a_family_other_than_llama_runs_at_the_same_sizes(tmp_path):
     assert "== w1 == (qwen2-shaped model, same sizes)" in result.stdout
     ran = {r["competitor"] for r in data["rows"] if "skipped" not in r}
     assert {"eager", "sdpa", "autoflash"} <= ran
+
+
+def test_the_sdpa_training_comparison_runs_each_competitor_in_its_own_process(tmp_path):
+    script = BENCH.parent / "sdpa_training.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--json", str(tmp_path / "sdpa.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "sdpa.json").read_text())["rows"]
+    assert rows["sdpa (transformers)"]["backend"] == "-"  # autoflash off in that process
+    assert rows["autoflash (whole model)"]["backend"] == "varlen:sdpa"
+    assert "x sdpa" in result.stdout
