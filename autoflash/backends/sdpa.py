@@ -81,16 +81,19 @@ def _grid(layout: Layout, call: AttentionCall, device):
     """(each real token's slot in the flattened grid, the grid's mask or None): once per forward."""
     key = ("sequence grid", call.causal, str(device))
     if key not in layout.derived:
-        cu = layout.cu_seqlens.to(device=device, dtype=torch.long)
-        width = layout.max_seqlen
-        token = torch.arange(layout.total, device=device)
-        sequence = torch.searchsorted(cu[1:], token, right=True)
-        slots = sequence * width + (token - cu[sequence])
-        mask = None
-        if not call.causal:
-            mask = (torch.arange(width, device=device)[None, :] < (cu[1:] - cu[:-1])[:, None])[:, None, None, :]
-        layout.derived[key] = (slots, mask)
+        layout.derived[key] = _build_grid(layout, call.causal, device)
     return layout.derived[key]
+
+
+def _build_grid(layout: Layout, causal: bool, device):
+    cu = layout.cu_seqlens.to(device=device, dtype=torch.long)
+    width = layout.max_seqlen
+    token = torch.arange(layout.total, device=device)
+    sequence = torch.searchsorted(cu[1:], token, right=True)
+    slots = sequence * width + (token - cu[sequence])
+    if causal:
+        return slots, None
+    return slots, (torch.arange(width, device=device)[None, :] < (cu[1:] - cu[:-1])[:, None])[:, None, None, :]
 
 
 def _sdpa(q, k, v, mask, call: AttentionCall, scale, is_causal):
