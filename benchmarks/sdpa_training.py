@@ -33,6 +33,8 @@ def one(args) -> dict:
     import time
 
     import torch
+
+    import autoflash  # noqa: F401 - activates where no autoflash.pth is installed (a checkout on PYTHONPATH)
     import transformers
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -97,7 +97,10 @@ def _build_grid(layout: Layout, causal: bool, device):
 
 
 def _sdpa(q, k, v, mask, call: AttentionCall, scale, is_causal):
-    if call.gqa_ratio > 1 and not _HAS_ENABLE_GQA:
+    # On a GPU, enable_gqa leaves SDPA only its flash and math kernels, and flash serves none of this
+    # backend's calls (float32, a mask, an old GPU...): math would hold every score. Repeated K/V keep
+    # the memory-efficient kernel, as transformers' sdpa does.
+    if call.gqa_ratio > 1 and (not _HAS_ENABLE_GQA or q.is_cuda):
         k, v = repeat_kv(k, call.gqa_ratio), repeat_kv(v, call.gqa_ratio)
         extra = {}
     else:
