@@ -229,7 +229,7 @@ def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
     is no fallback worth a word: those are logged at INFO."""
     if call.device_type != "cuda" or decision.backend in backends.FLASH_KERNELS or call.window is not None:
         return False
-    if decision.refused[0][1] == (f"excluded ({SDPA_SWITCHES})",):
+    if any(reasons == (f"excluded ({SDPA_SWITCHES})",) for _, reasons in decision.refused):
         return False
     return call.kind != "masked" and not (call.kind == "cache" and not call.cache_keys_contiguous)
 

@@ -10,8 +10,10 @@ the layout's own rows (a row packed with many short sequences beside one long on
 the other layouts, padding, packing and sliding windows are one dense boolean mask per
 forward (block-diagonal, causal, banded), so packed sequences never attend across their
 boundaries here either.
-K/V heads are shared through ``enable_gqa`` and, for one-token decode steps, by folding
-the query heads onto their KV head, never by repeating K/V.
+K/V heads are shared by folding the query heads onto their KV head for one-token decode steps,
+and elsewhere through ``enable_gqa`` on CPU; on a GPU they are repeated, as transformers' sdpa
+does (``enable_gqa`` would leave SDPA only its flash kernel, which serves none of these calls, and
+its math kernel).
 """
 
 from __future__ import annotations

@@ -145,8 +145,9 @@ class _TorchBuiltin:
             return pad(out, layout)
         q_folded = fold_gqa_queries(q, call.num_kv_heads)
         mask = decode_key_mask(layout, q.dtype)
-        kernels = ("EFFICIENT_ATTENTION",) if mask is not None else ("FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-        with only_kernels(*kernels):
+        # (with a mask SDPA's flash kernel steps aside by itself; its flag stays on, since other threads
+        # read it as the user's choice: dispatch._excluded)
+        with only_kernels("FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
             out = F.scaled_dot_product_attention(q_folded, k, v, attn_mask=mask, scale=scale)
         return unfold_gqa_output(out, call.num_heads)
 
