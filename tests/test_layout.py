@@ -119,32 +119,31 @@ def test_packed_row_without_padding_needs_no_gather():
     assert torch.equal(unpad(x, plan), x.transpose(1, 2)[0])
 
 
+def _builds_in_one_forward_of_four_layers(monkeypatch, module, builder, **inputs) -> int:
+    """How many times ``module.builder`` runs in one evaluation forward of a 4-layer model."""
+    built = []
+    original = getattr(module, builder)
+    monkeypatch.setattr(module, builder, lambda *a: built.append(1) or original(*a))
+    fast, _ = model_pair(seed=1, num_hidden_layers=4)
+    fast.eval()
+    with torch.no_grad():
+        fast(input_ids=torch.randint(3, 97, inputs["attention_mask"].shape), **inputs)
+    return len(built)
+
+
 def test_dense_mask_for_masked_kernels_is_built_once_per_forward(monkeypatch):
     from autoflash import layout
 
-    built = []
-    original = layout._allowed_keys
-    monkeypatch.setattr(layout, "_allowed_keys", lambda *a: built.append(1) or original(*a))
-    fast, _ = model_pair(seed=1, num_hidden_layers=4)
-    fast.eval()
     # a row of one 8-token sequence beside a row of eight 1-token ones: one row per sequence (9 x 8^2 scores)
     # would cost more than the packed row (16^2), so SDPA keeps one dense mask
     mask = torch.ones(2, 8, dtype=torch.long)
     positions = torch.stack([torch.arange(8), torch.zeros(8, dtype=torch.long)])
-    with torch.no_grad():
-        fast(input_ids=torch.randint(3, 97, mask.shape), attention_mask=mask, position_ids=positions)
-    assert len(built) == 1
+    assert _builds_in_one_forward_of_four_layers(monkeypatch, layout, "_allowed_keys", attention_mask=mask,
+                                                 position_ids=positions) == 1
 
 
 def test_the_sequence_grid_sdpa_runs_a_padded_batch_on_is_built_once_per_forward(monkeypatch):
     from autoflash.backends import sdpa
 
-    built = []
-    original = sdpa._build_grid
-    monkeypatch.setattr(sdpa, "_build_grid", lambda *a: built.append(1) or original(*a))
-    fast, _ = model_pair(seed=1, num_hidden_layers=4)
-    fast.eval()
     mask = padding_mask([5, 2, 4], "left")
-    with torch.no_grad():
-        fast(input_ids=torch.randint(3, 97, mask.shape), attention_mask=mask)
-    assert len(built) == 1
+    assert _builds_in_one_forward_of_four_layers(monkeypatch, sdpa, "_build_grid", attention_mask=mask) == 1
