@@ -155,6 +155,21 @@ def train_step(model, **inputs):
     return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def gradient_penalty_under_math(model, ids, mask):
+    """(penalty, the first layer's q_proj gradient), both float32, of a gradient penalty (the loss's gradient
+    with respect to the input embeddings, squared and summed) run under SDPA's math kernel: a double
+    backward, which only that kernel gives."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels_for(ids, mask)).loss
+        (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
+        penalty = grad.float().pow(2).sum()
+        penalty.backward()
+    return penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -189,24 +189,12 @@ def test_a_user_who_switches_sdpas_flash_kernel_off_gets_sdpa_under_their_switch
 
 def test_a_model_run_under_sdpa_kernel_math_takes_a_double_backward_as_eager():
     """A gradient penalty needs the gradient's own gradient, which only SDPA's math kernel gives."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from conftest import model_pair, relative_error
-
-    from conftest import labels_for, padding_mask
+    from conftest import gradient_penalty_under_math, model_pair, padding_mask, relative_error
 
     fast, eager = model_pair(seed=3)
     mask = padding_mask([6, 2, 4], "left")  # padded: the whole-model path and SDPA's per-sequence grid
     ids = torch.randint(3, 97, mask.shape, generator=torch.Generator().manual_seed(3))
-    penalties = []
-    for model in (fast, eager):
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        with sdpa_kernel([SDPBackend.MATH]):
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels_for(ids, mask)).loss
-            (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
-            penalty = grad.pow(2).sum()
-            penalty.backward()
-        penalties.append((penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad))
+    penalties = [gradient_penalty_under_math(model, ids, mask) for model in (fast, eager)]
     assert dispatch.last_decisions["varlen"].backend == "sdpa"
     assert relative_error(penalties[0][0], penalties[1][0]) < 1e-5
     assert relative_error(penalties[0][1], penalties[1][1]) < 1e-4

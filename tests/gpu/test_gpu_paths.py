@@ -430,21 +430,14 @@ def test_compiled_static_cache_decoding_captures_cuda_graphs_and_matches_eager(b
 def test_under_sdpa_kernel_math_the_flash_kernels_step_aside_and_a_double_backward_runs():
     """A user's `with sdpa_kernel(SDPBackend.MATH)` (a gradient penalty needs the math kernel's double backward)
     is obeyed as transformers' own sdpa obeys it; outside it, the same padded batch runs on a flash kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from conftest import gradient_penalty_under_math
 
     fast, eager_half, _ = _models("hd128", torch.bfloat16)
     ids, mask = _case([40, 17, 33], "right")
     with torch.no_grad():
         fast(input_ids=ids, attention_mask=mask)
     assert dispatch.last_decisions["varlen"].backend in backends.FLASH_KERNELS
-    penalties = []
-    for model in (fast, eager_half):
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-        with sdpa_kernel([SDPBackend.MATH]):
-            loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels_for(ids, mask)).loss
-            (grad,) = torch.autograd.grad(loss, embeds, create_graph=True)
-            grad.float().pow(2).sum().backward()
-        penalties.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
+    penalties = [gradient_penalty_under_math(model, ids, mask)[1] for model in (fast, eager_half)]
     assert dispatch.last_decisions["varlen"].backend == "sdpa"
     error = relative_error(penalties[0], penalties[1])
     RESULTS.append(("double backward, MATH", "sdpa", error, float("nan"), float("nan"), float("nan")))
