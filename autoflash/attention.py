@@ -6,20 +6,16 @@ attention function (once per layer). From here on a call is plain data: a ``Layo
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 
 import torch
 
-from autoflash import dispatch, families, tracing
+from autoflash import dispatch, handover, tracing
 from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
 from autoflash.layout import FORWARD_LAYOUT, allowed_keys, pad_key_mask, plan_for, plan_traced
 from autoflash.settings import logger
 
-# The name autoflash registers under. It must not contain "flash": transformers treats
-# any such name as its own flash-attention and tries to load it as a kernel.
-ATTENTION_NAME = "autoattn"
+ATTENTION_NAME = handover.ATTENTION_NAME
 
 def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, cache_position=None, **kwargs):
@@ -94,7 +90,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kwargs):
     """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     packed = kwargs.get("autoflash_packed_row")
-    if packed is not None and packed.backend is not None and _same_call(packed, query, key, dropout, is_causal,
+    if packed is not None and packed.backend is not None and handover.why_not_mine(kwargs, attention_mask) is None \
+            and _same_call(packed, query, key, dropout, is_causal,
                                                                         module, kwargs):
         scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
         out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
@@ -137,41 +134,6 @@ def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
-def _refuse_what_is_not_applied(module, kwargs) -> None:
-    """A model outside the families autoflash knows may ask its attention for more than causal softmax
-    attention with a sliding window (``autoattn`` is registered for every model, and any model may be
-    loaded with it). autoflash applies none of that: served silently, the answer would be wrong (Gemma2's
-    softcapping differed from eager by 0.44), so the call is refused, saying what to do."""
-    reasons = []
-    if kwargs.get("softcap"):
-        reasons.append(f"attention logit softcapping ({kwargs['softcap']})")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        reasons.append("attention sinks")
-    if reasons:
-        raise dispatch.BackendUnavailable(
-            f"autoflash cannot serve {type(module).__name__}: its attention asks for {' and '.join(reasons)}, "
-            "which autoflash does not apply (the answer would be wrong). Load this model with "
-            "attn_implementation='sdpa' or 'eager' (autoflash patches the families `autoflash doctor` lists; "
-            "other models keep what they ask for).")
-
-
-def _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs):
-    """Calls no flash kernel can serve, answered as transformers would; None for every other call."""
-    _refuse_what_is_not_applied(module, kwargs)
-    if kwargs.get("output_attentions") or _config_asks_for_weights(module):
-        return _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-    if attention_mask is not None and attention_mask.dim() > 2:
-        return _custom_mask(query, key, value, attention_mask, dropout, scaling)
-    return None
-
-
-def _config_asks_for_weights(module) -> bool:
-    # read from the config's own attributes: transformers' attribute lookup on configs costs ~4 us,
-    # paid by every layer of every decode step (5.x keeps the flag as ``_output_attentions``)
-    attributes = getattr(getattr(module, "config", None), "__dict__", {})
-    return bool(attributes.get("output_attentions", attributes.get("_output_attentions", False)))
-
-
 def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                        **kwargs):
     """Any call but the packed row's.
@@ -182,9 +144,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     at trace time (``dispatch.pick``), so the compiled program holds neither Python decisions
     nor thread state, and a decode step can be one CUDA graph.
     """
-    special = _special_call(module, query, key, value, attention_mask, dropout, scaling, kwargs)
-    if special is not None:
-        return special
+    why = handover.why_not_mine(kwargs, attention_mask)
+    if why is not None:
+        return _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why)
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
     layout = None if query.numel() == 0 else _layout_of(query, key, attention_mask, kwargs)
@@ -214,6 +176,10 @@ def _layout_of(query, key, attention_mask, kwargs):
                 kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
 
 
+def _causal(module, is_causal) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
 def _decided(layout, module, query, key, value, dropout, is_causal, window=None):
     """This call's record and the backend that serves it.
 
@@ -222,7 +188,7 @@ def _decided(layout, module, query, key, value, dropout, is_causal, window=None)
     record, capability lookup and dispatch per layer. (A traced call's decision is taken
     once at trace time, where host cost does not matter.)
     """
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = _causal(module, is_causal)
     needs_grad = _needs_grad(query, key, value)
     deterministic = _deterministic(needs_grad, getattr(module, "training", False))
     if tracing.is_tracing():
@@ -283,36 +249,23 @@ def _once(key: str, message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
 
 
-def _eager_with_weights(module, query, key, value, attention_mask, dropout, scaling, kwargs):
-    """output_attentions needs the probabilities, which no flash kernel returns: run eager for this call."""
-    _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
-                     "return no attention weights)")
-    if attention_mask is not None and attention_mask.dim() > 2:  # the caller's own 4-D mask, as given
-        allowed = attention_mask[:, :, :, :key.shape[2]]
-    else:
+def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why):
+    """A call autoflash's kernels do not serve: transformers' own attention computes it (``autoflash.handover``),
+    given the keys each query may see as autoflash's mask function described them."""
+    if kwargs.get("output_attentions") or handover._config_asks_for_weights(module):
+        # the user can do something about this one (load the model with eager): a warning, once
+        _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
+                         "return no attention weights)")
+    allowed = None
+    if attention_mask is None or attention_mask.dim() <= 2:
+        if handover.is_paged(kwargs):
+            raise handover.NotHandedOver(
+                f"autoflash: {why} reached autoflash's attention without the mask transformers builds for it, so "
+                "neither autoflash nor transformers' sdpa can compute it exactly. Continuous batching runs "
+                "transformers' own attention where autoflash is installed; if you set the model to "
+                f"{ATTENTION_NAME!r} yourself, load it with attn_implementation='sdpa' instead.")
         layout = _layout_of(query, key, attention_mask, kwargs)
-        call, _ = _decided(layout, module, query, key, value, dropout, None, _binding_window(kwargs, layout, key))
+        call = _call_record(layout, query, key, dropout, _causal(module, is_causal), False,
+                            _binding_window(kwargs, layout, key))
         allowed = allowed_keys(layout, call, query.device)
-    if allowed.dtype == torch.bool:
-        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        additive.masked_fill_(~allowed, torch.finfo(query.dtype).min)
-    else:
-        additive = allowed
-    # the calling model's own eager attention; LLaMA's (the family every other one follows) where it has none
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        eager = importlib.import_module(families.FAMILIES[0].module).eager_attention_forward
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions", "position_ids", FORWARD_LAYOUT)}
-    return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def _custom_mask(query, key, value, attention_mask, dropout, scaling):
-    """A 4-D mask the caller built: honour it as given, through SDPA."""
-    # nothing for the user to do (the mask is served exactly, as given): said at INFO
-    _once("4d", "autoflash: a 4-D attention mask (built by the caller, or by transformers 4.48-4.5x for a static "
-                "cache) came with the call; such calls run on SDPA with that mask as given", logging.INFO)
-    mask = attention_mask[:, :, :, : key.shape[2]]
-    groups = query.shape[1] // key.shape[1]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1)
-    return out.transpose(1, 2).contiguous(), None
+    return handover.run(module, query, key, value, attention_mask, allowed, dropout, scaling, is_causal, kwargs, why)

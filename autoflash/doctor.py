@@ -123,6 +123,7 @@ def status() -> dict:
         "gpu": gpu,
         "rank": _rank(),
         "padding_removal": {"whole_model": settings().unpad_model, "last": None},
+        "handed_over": [],  # calls autoflash does not serve, computed by transformers' own attention
         "traced": {},  # what programs traced by torch.compile / torch.export in this process were built with
         "backends": [],
         "choices": {},
@@ -131,10 +132,11 @@ def status() -> dict:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
                               for n in ("flash_attn_4", "flash_attn", "torch", "sdpa")]
         return result
-    from autoflash import backends, dispatch, tracing, unpad_model
+    from autoflash import backends, dispatch, handover, tracing, unpad_model
 
     result["padding_removal"]["last"] = unpad_model.last_decision()
     result["traced"] = dict(tracing.traced_paths)
+    result["handed_over"] = handover.handed_over()
 
     for backend in backends.AUTO_ORDER:
         reasons = backend.unavailable_reasons()
@@ -183,6 +185,9 @@ def report(data: dict) -> str:
                      + (f" ({last['reason']})" if last["reason"] else ""))
     for path, why in data.get("traced", {}).items():
         lines.append(f"  traced ({path}): {why}")
+    for entry in data.get("handed_over", []):
+        lines.append(f"handed to transformers: {entry['call']}: {entry['to']} (asked for: {entry['asked_for']}; "
+                     f"{entry['count']} calls)")
     lines.append("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in data["versions"].items()))
     gpu = data["gpu"]
     lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")

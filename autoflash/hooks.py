@@ -17,6 +17,8 @@ from autoflash.families import BY_MODULE, FAMILIES, served_from
 from autoflash.settings import FAMILIES_VARIABLE, logger, settings
 
 WATCHED_MODULES = tuple(family.module for family in FAMILIES)
+# transformers features that decide by the model's attention name (autoflash.patches.integrations)
+INTEGRATION_MODULES = ("transformers.generation.continuous_batching.continuous_api", "transformers.trainer")
 
 _lock = threading.RLock()  # re-entrant: a patch may import modules that fire other hooks
 _applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch, in the order applied
@@ -32,6 +34,8 @@ def register_import_hooks() -> None:
         import wrapt
 
         for name in WATCHED_MODULES:
+            wrapt.register_post_import_hook(on_import, name)
+        for name in INTEGRATION_MODULES:
             wrapt.register_post_import_hook(on_import, name)
         _state["hooks_registered"] = True
 
@@ -59,6 +63,11 @@ def apply(module, family=None) -> bool:
             return True
         if settings().disabled or _state["user_disabled"]:
             return False
+        if name in INTEGRATION_MODULES and family is None:
+            from autoflash.patches import integrations  # imports torch: transformers is loading already
+
+            _applied[name] = integrations.apply(module)
+            return True
         family = family or BY_MODULE[name]
         if family.name not in settings().families:
             _left_alone[name] = f"left out by {FAMILIES_VARIABLE}"
@@ -104,7 +113,7 @@ def enable() -> bool:
             return False
         _state["user_disabled"] = False
         register_import_hooks()
-        for name in WATCHED_MODULES:
+        for name in WATCHED_MODULES + INTEGRATION_MODULES:
             module = sys.modules.get(name)
             if module is not None:
                 on_import(module)
@@ -122,8 +131,9 @@ def disable() -> None:
 
 
 def patched_modules():
+    """The family modules patched in this process (the feature modules of INTEGRATION_MODULES are not models)."""
     with _lock:
-        return sorted(_applied)
+        return sorted(name for name in _applied if name not in INTEGRATION_MODULES)
 
 
 def families() -> Dict[str, str]:
@@ -147,4 +157,5 @@ def families() -> Dict[str, str]:
 
 def state() -> dict:
     with _lock:
-        return dict(_state, patched=sorted(_applied), eras={n: p.era for n, p in _applied.items()})
+        return dict(_state, patched=patched_modules(), integrations=sorted(set(_applied) & set(INTEGRATION_MODULES)),
+                    eras={n: p.era for n, p in _applied.items()})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 from typing import List
 
-from autoflash import unpad_model
+from autoflash import handover, unpad_model
 from autoflash.attention import attention_forward
 from autoflash.patches.base import Patch
 from autoflash.patches.whole_model import remove_padding_for_whole_model
@@ -114,6 +114,7 @@ def route_requests(patch: Patch, base, name: str) -> None:
     def _autoset_attn_implementation(cls, config, use_flash_attention_2=False, *args, **kwargs):
         requested = getattr(config, "_attn_implementation_internal", None)
         if use_flash_attention_2 or requested in REPLACED_REQUESTS:
+            handover.remember_request(config, "flash_attention_2" if use_flash_attention_2 else requested)
             config._attn_implementation = name
             return config
         return original_autoset(cls, config, use_flash_attention_2, *args, **kwargs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from typing import List
 
+from autoflash import handover
 from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
 from autoflash.patches.base import Patch
 from autoflash.patches.whole_model import remove_padding_for_whole_model
@@ -69,7 +70,9 @@ def apply(module, family) -> Patch:
         original = base._check_and_adjust_attn_implementation
 
         def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-            if attn_implementation in REPLACED_REQUESTS:
+            if attn_implementation in REPLACED_REQUESTS and not handover.is_passing_through():
+                # kept for the calls autoflash hands back: they go where this request would have gone
+                handover.remember_request(getattr(self, "config", None), attn_implementation)
                 return ATTENTION_NAME
             return original(self, attn_implementation, *args, **kwargs)
 
