@@ -86,7 +86,10 @@ def _two_ranks_take_the_single_process_step(tmp_path, monkeypatch, mode, case, p
     for name, reference in after.items():
         update, reference_update = job["state"][name] - before[name], reference - before[name]
         difference = (update.double() - reference_update.double()).norm()
-        assert difference <= FLOAT32_RTOL * max(reference_update.double().norm(), 1e-12), name
+        # an update is read through the float32 weights it changed: two updates closer than one step of the
+        # largest weight (a norm weight near 1.0 moving by 1e-4) cannot be told apart, whatever computed them
+        resolution = torch.finfo(torch.float32).eps * before[name].abs().max().item()
+        assert difference <= FLOAT32_RTOL * max(reference_update.double().norm(), 1e-12) + resolution, name
 
 
 @pytest.mark.parametrize("mode", ["ddp+checkpointing", "fsdp2+checkpointing"])

@@ -187,3 +187,28 @@ def test_context_parallelism_passes_the_trainers_check(tmp_path):
     trainer._prepare_context_parallel_inputs(model, {"input_ids": ids, "labels": ids})  # raised before
     assert model.config._attn_implementation == "sdpa"
     assert _records("context parallelism")[0]["to"] == "transformers' sdpa for the whole model"
+
+
+@continuous_batching_only
+def test_the_managers_own_switch_to_flash_attention_reaches_transformers(monkeypatch):
+    """On a GPU with flash-attn, continuous batching switches a half-precision model to flash_attention_2, as
+    it does without autoflash: that request is the manager's, and must not come back as autoattn (it did: every
+    request's tokens were wrong on the H200)."""
+    from transformers import LlamaForCausalLM
+    from transformers.generation.continuous_batching import continuous_api
+
+    model = LlamaForCausalLM(tiny_config()).to(torch.bfloat16)
+    seen = []
+
+    def set_attn_implementation(self, name):  # what the manager asks for, and whether autoflash steps aside
+        seen.append((name, handover.is_passing_through()))
+        self.config._attn_implementation = name
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", set_attn_implementation)
+    monkeypatch.setattr(continuous_api, "is_flash_attn_3_available", lambda **_: False)
+    monkeypatch.setattr(continuous_api, "is_flash_attn_2_available", lambda **_: True)
+    manager = types.SimpleNamespace(_original_attn_impl=None)
+    continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn(manager, model, True)
+    assert seen == [("sdpa", True), ("flash_attention_2", True)]
+    assert model.config._attn_implementation == "flash_attention_2"
+    assert manager._original_attn_impl == handover.ATTENTION_NAME  # what the manager restores when it stops

@@ -51,7 +51,10 @@ def _hand_continuous_batching_its_attention(patch: Patch, manager) -> None:
     def switch_to_cb_friendly_attn(self, model, *args, **kwargs):
         given = handover.give_back(model, CB_WHY)
         try:
-            result = original(self, model, *args, **kwargs)
+            # the manager may switch a half-precision model to flash_attention_2 (through set_attn_implementation,
+            # which autoflash would answer with autoattn): its names reach transformers as given
+            with handover.passing_through():
+                result = original(self, model, *args, **kwargs)
         except BaseException:
             if given is not None:
                 handover.take_back(model)

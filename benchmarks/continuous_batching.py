@@ -1,0 +1,159 @@
+"""W5: transformers' continuous batching (``generate_batch``) with autoflash installed, against transformers alone.
+
+Two parts, every competitor in this one process, one after another, on the same weights:
+
+    agreement   a LLaMA of hidden 1024, 16/4 heads, 4 layers, its LM head scaled so that greedy tokens are not
+                near-ties; 16 requests of 16-300 prompt tokens, 32 greedy tokens; each request's
+                ``generate_batch`` tokens against its own plain ``generate()`` tokens (same competitor, same
+                process): how many requests are identical, and the first token where the others part
+    throughput  W2's model (LLaMA-3-8B-shaped layers x4); 64 requests, prompts U(64, 1024), 128 new tokens;
+                generated tokens per second of one ``generate_batch`` after a warm-up call
+
+Competitors: ``autoflash`` (the model as a user loads it with autoflash installed), transformers' own
+``flash_attention_2`` (needs flash-attn) and ``sdpa`` (autoflash switched off while the model is set).
+
+    python benchmarks/continuous_batching.py [--smoke] [--out DIR]
+
+Prints two tables and writes ``OUT/w5.json``. Nothing here is asserted; tests run ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the competitors and W2's model, shared with the other workloads)
+
+COMPETITORS = ["autoflash", "flash_attention_2", "sdpa"]
+
+
+def sizes(smoke: bool) -> dict:
+    if smoke:
+        return dict(agree=dict(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, vocab=256, requests=4,
+                               prompt=(3, 20), new=4),
+                    speed=dict(requests=4, prompt=(3, 20), new=4), device="cpu", dtype=torch.float32)
+    return dict(agree=dict(hidden=1024, heads=16, kv_heads=4, mlp=2816, layers=4, vocab=32000, requests=16,
+                           prompt=(16, 300), new=32),
+                speed=dict(requests=64, prompt=(64, 1024), new=128), device="cuda", dtype=torch.bfloat16)
+
+
+def agreement_model(s):
+    import transformers
+
+    a = s["agree"]
+    config = transformers.LlamaConfig(vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"],
+                                      num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                                      num_key_value_heads=a["kv_heads"], pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(s["device"]):
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # greedy tokens far from ties: a parting token is a real difference
+    return model.to(s["dtype"]).eval()
+
+
+def prompts(n, lengths, vocab, seed):
+    generator = torch.Generator().manual_seed(seed)
+    sizes_ = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=generator).tolist()
+    return [torch.randint(3, vocab, (size,), generator=generator).tolist() for size in sizes_]
+
+
+def generation_config(new):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def batched(model, inputs, new):
+    outputs = model.generate_batch(inputs=inputs, generation_config=generation_config(new), progress_bar=False)
+    by_prompt = {tuple(o.prompt_ids): o.generated_tokens for o in outputs.values()}
+    return [by_prompt[tuple(p)] for p in inputs]
+
+
+def agreement(model, s, competitor):
+    a = s["agree"]
+    inputs = prompts(a["requests"], a["prompt"], a["vocab"], seed=1)
+    with bench.competing_as(model, competitor):
+        cb = batched(model, inputs, a["new"])
+        parted = []
+        for p, tokens in zip(inputs, cb):
+            alone = model.generate(torch.tensor([p], device=s["device"]), generation_config=generation_config(a["new"]))
+            alone = alone[0, len(p):].tolist()
+            parted.append(next((i + 1 for i, (x, y) in enumerate(zip(tokens, alone)) if x != y),
+                               None if tokens == alone else min(len(tokens), len(alone)) + 1))
+    different = [i for i in parted if i is not None]
+    return {"identical": len(parted) - len(different), "requests": len(parted),
+            "parting_tokens": sorted(different)}
+
+
+def throughput(model, s, competitor):
+    sp = s["speed"]
+    inputs = prompts(sp["requests"], sp["prompt"], model.config.vocab_size, seed=2)
+    with bench.competing_as(model, competitor):
+        batched(model, inputs[:8], 8)  # warm-up: CUDA graphs, kernels loaded
+        bench.sync(s["device"])
+        start = time.perf_counter()
+        out = batched(model, inputs, sp["new"])
+        bench.sync(s["device"])
+        seconds = time.perf_counter() - start
+    generated = sum(len(t) for t in out)
+    return {"tokens": generated, "seconds": round(seconds, 3), "tokens_per_s": round(generated / seconds, 1),
+            "attn_after": model.config._attn_implementation}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what the tests run)")
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+    import autoflash
+
+    autoflash.enable()
+    s = sizes(args.smoke)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    small = agreement_model(s)
+    big = None
+    for competitor in COMPETITORS:
+        why = bench.available(competitor)
+        if why:
+            rows[competitor] = {"skipped": why}
+            continue
+        rows[competitor] = {"agreement": agreement(small, s, competitor)}
+    del small
+    w2 = bench.sizes(args.smoke)
+    big = bench.build_model(w2).eval()
+    for competitor in COMPETITORS:
+        if "skipped" not in rows[competitor]:
+            rows[competitor]["throughput"] = throughput(big, s, competitor)
+    result = {"workload": "w5", "environment": bench.environment(w2), "rows": rows,
+              "handed_over": autoflash.status()["handed_over"]}
+    (out / "w5.json").write_text(json.dumps(result, indent=2))
+    print(f"W5 continuous batching ({'smoke, CPU' if args.smoke else 'GPU'}): requests identical to generate()")
+    for name, row in rows.items():
+        if "skipped" in row:
+            print(f"  {name:<18} skipped: {row['skipped']}")
+            continue
+        a = row["agreement"]
+        print(f"  {name:<18} {a['identical']:>3} / {a['requests']}   parting at tokens {a['parting_tokens']}")
+    print("W5 throughput: generated tokens/s of one generate_batch")
+    base = rows.get("flash_attention_2", {}).get("throughput") or rows["sdpa"]["throughput"]
+    for name, row in rows.items():
+        if "throughput" in row:
+            t = row["throughput"]
+            print(f"  {name:<18} {t['tokens_per_s']:>10,.1f} tok/s  {t['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+                  f"   ({t['tokens']} tokens in {t['seconds']} s; attention after: {t['attn_after']})")
+    print("handed to transformers:", json.dumps(result["handed_over"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
