@@ -187,7 +187,7 @@ def report(data: dict) -> str:
         lines.append(f"  traced ({path}): {why}")
     for entry in data.get("handed_over", []):
         lines.append(f"handed to transformers: {entry['call']}: {entry['to']} (asked for: {entry['asked_for']}; "
-                     f"{entry['count']} calls)")
+                     f"calls: {entry['count']})")
     lines.append("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in data["versions"].items()))
     gpu = data["gpu"]
     lines.append(f"gpu: {gpu['name']} (compute capability {gpu['capability']})" if gpu else "gpu: none")

@@ -21,14 +21,18 @@ modern_only = pytest.mark.skipif(not modern_era(), reason="this transformers has
 
 
 def _has_continuous_batching() -> bool:
-    import transformers
-
-    return hasattr(transformers.PreTrainedModel, "generate_batch") or hasattr(transformers.GenerationMixin,
-                                                                            "generate_batch")
+    """transformers 5.20+: the manager switches the model's attention itself, configured by its own config
+    (4.5x's first continuous batching asked the user to load a paged implementation)."""
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:
+        return False
+    return hasattr(ContinuousBatchingManager, "switch_to_cb_friendly_attn")
 
 
 continuous_batching_only = pytest.mark.skipif(not _has_continuous_batching(),
-                                              reason="continuous batching comes with transformers 5.20")
+                                              reason="continuous batching that switches attention itself: 5.20+")
 
 
 def _records(what: str):
@@ -170,6 +174,7 @@ def test_context_parallelism_passes_the_trainers_check(tmp_path):
     """The Trainer refuses context parallelism unless the model says sdpa: while it is on, the model runs
     transformers' sdpa (torch's context parallelism serves SDPA calls on a shard of the sequence)."""
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate")
     trainer_module = pytest.importorskip("transformers.trainer")
     if not hasattr(trainer_module.Trainer, "_prepare_context_parallel_inputs"):
         pytest.skip("this transformers has no context parallelism in its Trainer")
