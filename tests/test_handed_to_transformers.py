@@ -125,7 +125,6 @@ _CONTINUOUS_BATCHING = """
     import json, sys, torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    import autoflash
 
     dtype = getattr(torch, sys.argv[1])
     torch.manual_seed(0)
@@ -142,6 +141,8 @@ _CONTINUOUS_BATCHING = """
     by_prompt = {tuple(o.prompt_ids): o.generated_tokens for o in outputs.values()}
     same = [by_prompt[tuple(p)] == model.generate(torch.tensor([p]), generation_config=generation)[0, len(p):].tolist()
             for p in prompts]
+    import autoflash  # only now, to read the record: the model above got autoflash through the .pth
+
     print(json.dumps({"before": before, "after": model.config._attn_implementation, "same": same,
                       "handed_over": autoflash.status()["handed_over"]}))
 """
