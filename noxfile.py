@@ -45,7 +45,8 @@ TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py
 def tests(session, transformers):
     session.install(TORCH, *RELEASES[transformers])
     session.install("--no-deps", "-e", ".")
-    session.install("pytest", "hypothesis", "wrapt")
+    # psutil: continuous batching sizes its cache from the host's memory (5.17 raises MemoryError without it)
+    session.install("pytest", "hypothesis", "wrapt", "psutil")
     session.run("python", "-c", "import transformers, torch; print('transformers', transformers.__version__, "
                 "'torch', torch.__version__)")
     session.run("python", "-m", "pytest", "-q", *TESTS)

@@ -8,6 +8,7 @@ cannot compute the call) in float32 on CPU, at real positions.
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 
 import pytest
@@ -214,7 +215,13 @@ def test_the_managers_own_switch_to_flash_attention_reaches_transformers(monkeyp
     monkeypatch.setattr(continuous_api, "is_flash_attn_3_available", lambda **_: False)
     monkeypatch.setattr(continuous_api, "is_flash_attn_2_available", lambda **_: True)
     manager = types.SimpleNamespace(_original_attn_impl=None)
-    continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn(manager, model, True)
-    assert seen == [("sdpa", True), ("flash_attention_2", True)]
-    assert model.config._attn_implementation == "flash_attention_2"
+    switch = continuous_api.ContinuousBatchingManager.switch_to_cb_friendly_attn
+    # 5.2x's manager takes auto_switch_to_flash; earlier ones always switch
+    takes_flag = "auto_switch_to_flash" in inspect.signature(switch.__wrapped__).parameters
+    switch(manager, model, True) if takes_flag else switch(manager, model)
+    # given back as transformers' sdpa, then switched to flash attention by the manager (5.17 names it
+    # "paged|flash_attention_2"), both reaching transformers as asked
+    assert [name for name, _ in seen][0] == "sdpa" and seen[1][0].endswith("flash_attention_2")
+    assert all(passing for _, passing in seen), seen
+    assert model.config._attn_implementation == seen[1][0]
     assert manager._original_attn_impl == handover.ATTENTION_NAME  # what the manager restores when it stops
