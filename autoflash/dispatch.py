@@ -144,8 +144,10 @@ def pick(call: AttentionCall, device) -> str:
 
 
 def _constant_length(length):
-    # under dynamic shapes a length is symbolic; no backend's choice depends on it beyond "one query or more"
-    return length if isinstance(length, int) else (1 if length == 1 else 2)
+    # No backend's choice depends on a length beyond "one query or more", and under dynamic shapes a length
+    # is a symbol, which assume_constant_result cannot take (dynamo answers isinstance(symbol, int) with True,
+    # so a symbol cannot be told from a number here): every length becomes 1 or 2, a guard on "== 1" at most.
+    return 1 if length == 1 else 2
 
 
 @torch.compiler.assume_constant_result

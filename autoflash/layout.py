@@ -72,6 +72,20 @@ class Layout:
     # first layer, reused by the others
     derived: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def derive(self, key: tuple, build, sizes: tuple = ()):
+        """``build()``, once per layout, ``key`` and ``sizes`` (the forward's first layer builds, the others
+        reuse).
+
+        In traced code ``sizes`` are left out of the key: a traced size may be a symbol, and looking a symbol up
+        in a dict compares it with the sizes already there, which pins it to one value (a recompilation for
+        every new length). One layout serves one forward, whose calls share their sizes, so nothing is confused
+        by it."""
+        if not torch.compiler.is_compiling():
+            key = key + tuple(sizes)
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
+
 
 def _nonzero_1d(flags: torch.Tensor, count: int) -> torch.Tensor:
     # torch.nonzero must sync to learn its output size; the size is already known here.
@@ -323,10 +337,8 @@ def allowed_keys(layout: Layout, call, device) -> torch.Tensor:
     counts key slots back from the query's, as transformers' masks do. Built once per
     forward (kept on the layout).
     """
-    key = ("allowed", call.causal, call.q_len, call.kv_len, call.window, str(device))
-    if key not in layout.derived:
-        layout.derived[key] = _allowed_keys(layout, call, device)
-    return layout.derived[key]
+    return layout.derive(("allowed", call.causal, call.window, str(device)), lambda: _allowed_keys(layout, call, device),
+                         sizes=(call.q_len, call.kv_len))
 
 
 def _allowed_keys(layout: Layout, call, device) -> torch.Tensor:

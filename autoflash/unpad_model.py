@@ -274,6 +274,9 @@ def wrap(original, model_class, family, attention_name, release: Release):
             if attention_mask is not None and not release.cache_passed(kwargs) and runs_autoflash(self, attention_name):
                 tracing.note(tracing.TRACE_SAFE, "a padded forward traced by torch.export or fullgraph "
                                                  "torch.compile keeps its padding; attention masks it")
+                # padded positions hold zeros here too, as on every untraced path (one masked_fill)
+                return per_layer(original, self, input_ids, attention_mask, position_ids, args,
+                                 with_layout(self, input_ids, attention_mask, position_ids, kwargs), release)
             return original(self, input_ids, attention_mask, position_ids, *args,
                             **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
         given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back

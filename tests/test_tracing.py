@@ -5,6 +5,8 @@ Dynamo's capture is what is under test, so most cases compile with the "eager" b
 captured graph run as it is); the GPU suite compiles with inductor and CUDA graphs.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -226,3 +228,69 @@ def test_plain_compile_of_a_padded_forward_still_removes_padding_for_the_whole_m
         reference = eager.eval()(input_ids=ids, attention_mask=mask)
     assert last_path() == "whole-model"
     assert _max_error_at_real_positions(out.logits, reference.logits, mask) < FLOAT32_RTOL
+
+
+# (batch, length) of a loop whose batches change shape every step, as a training loop's and a server's do
+SHAPES = [(2, 12), (2, 17), (3, 23), (2, 30), (4, 9)]
+
+
+def _padded(batch, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator).tolist()
+    lengths[0] = length  # the widest row sets the width
+    mask = padding_mask(lengths, "left" if seed % 2 else "right")
+    return torch.randint(3, 97, mask.shape, generator=generator).masked_fill(mask == 0, 0), mask
+
+
+def _graphs_for_shapes(model, dynamic):
+    """Each shape's logits from one torch.compile(fullgraph=True) of ``model``, and how many graphs it made."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model.forward, fullgraph=True, dynamic=dynamic, backend="eager")
+    with torch.no_grad():
+        logits = [compiled(input_ids=ids, attention_mask=mask).logits
+                  for ids, mask in (_padded(b, n, seed) for seed, (b, n) in enumerate(SHAPES))]
+    return logits, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic=True"])
+def test_fullgraph_compile_keeps_working_as_the_batch_and_length_change(dynamic):
+    """As a training loop's batches do: every shape equals eager at real positions, padded positions hold zeros,
+    and no more graphs are compiled than for transformers' own sdpa on the same shapes."""
+    from autoflash import handover
+
+    fast, eager = model_pair(seed=12)
+    fast.eval(), eager.eval()
+    logits, graphs = _graphs_for_shapes(fast, dynamic)
+    for seed, ((batch, length), out) in enumerate(zip(SHAPES, logits)):
+        ids, mask = _padded(batch, length, seed)
+        with torch.no_grad():
+            reference = eager(input_ids=ids, attention_mask=mask).logits
+        assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL, (batch, length)
+        assert (out[~mask.bool()] == 0).all(), (batch, length)
+    sdpa = copy.deepcopy(fast)
+    with handover.passing_through():
+        sdpa.set_attn_implementation("sdpa")  # transformers' own, for its count of graphs
+    _, sdpa_graphs = _graphs_for_shapes(sdpa, dynamic)
+    assert graphs <= sdpa_graphs, (graphs, sdpa_graphs)
+
+
+def test_torch_export_with_dynamic_batch_and_length_runs_other_shapes():
+    """One exported program for every batch size and length (as a server exports once): each shape equals
+    eager at real positions, and padded positions hold zeros, as they do on every untraced path."""
+    fast, eager = model_pair(seed=13)
+    fast.eval(), eager.eval()
+    ids, mask = _padded(2, 12, seed=1)
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=256)
+    with torch.no_grad():
+        program = torch.export.export(fast, (), {"input_ids": ids, "attention_mask": mask, "use_cache": False},
+                                      dynamic_shapes={"input_ids": {0: batch, 1: length},
+                                                      "attention_mask": {0: batch, 1: length}, "use_cache": None})
+        for seed, (b, n) in enumerate([(3, 19), (1, 5), (5, 40)]):
+            ids, mask = _padded(b, n, seed)
+            out = program.module()(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            reference = eager(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL, (b, n)
+            assert (out[~mask.bool()] == 0).all(), (b, n)

@@ -54,22 +54,18 @@ def decode_key_mask(layout: Layout, dtype: torch.dtype) -> torch.Tensor | None:
     """
     if layout.key_mask is None:
         return None
-    key = ("decode_key_mask", dtype)
-    mask = layout.derived.get(key)
-    if mask is None:
+    def build():
         batch, kv_len = layout.key_mask.shape
         aligned = torch.zeros(batch, 1, 1, -(-kv_len // 16) * 16, dtype=dtype, device=layout.key_mask.device)
-        mask = layout.derived[key] = aligned[..., :kv_len]
-        mask.masked_fill_(~layout.key_mask[:, None, None, :], torch.finfo(dtype).min)
-    return mask
+        mask = aligned[..., :kv_len]
+        return mask.masked_fill_(~layout.key_mask[:, None, None, :], torch.finfo(dtype).min)
+
+    return layout.derive(("decode_key_mask", dtype), build)
 
 
 def query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:
     """(batch, q_len) bool, or None where every query is a real token. Built once per forward."""
-    key = ("real", call.q_len, str(device))
-    if key not in layout.derived:
-        layout.derived[key] = _query_is_real(layout, call, device)
-    return layout.derived[key]
+    return layout.derive(("real", str(device)), lambda: _query_is_real(layout, call, device), sizes=(call.q_len,))
 
 
 def _query_is_real(layout: Layout, call: AttentionCall, device) -> torch.Tensor | None:

@@ -81,10 +81,7 @@ def _run_by_sequence(q, k, v, layout: Layout, call: AttentionCall, scale):
 
 def _grid(layout: Layout, call: AttentionCall, device):
     """(each real token's slot in the flattened grid, the grid's mask or None): once per forward."""
-    key = ("sequence grid", call.causal, str(device))
-    if key not in layout.derived:
-        layout.derived[key] = _build_grid(layout, call.causal, device)
-    return layout.derived[key]
+    return layout.derive(("sequence grid", call.causal, str(device)), lambda: _build_grid(layout, call.causal, device))
 
 
 def _build_grid(layout: Layout, causal: bool, device):
