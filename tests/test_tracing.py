@@ -294,3 +294,54 @@ def test_torch_export_with_dynamic_batch_and_length_runs_other_shapes():
             reference = eager(input_ids=ids, attention_mask=mask, use_cache=False).logits
             assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL, (b, n)
             assert (out[~mask.bool()] == 0).all(), (b, n)
+
+
+def _executorch_or_skip(*names):
+    integration = pytest.importorskip("transformers.integrations.executorch")
+    if not all(hasattr(integration, name) for name in names):
+        pytest.skip(f"this transformers has no {', '.join(names)}")
+    return integration
+
+
+def test_generate_from_a_static_cache_program_exported_with_a_dynamic_length_gives_transformers_tokens():
+    """transformers' own export for on-device generation (one program, prompts of any length, a static cache):
+    the same tokens as the same program exported from transformers' own sdpa."""
+    import warnings
+
+    from autoflash import handover
+
+    integration = _executorch_or_skip("TorchExportableModuleForDecoderOnlyLM", "TorchExportableModuleWithStaticCache")
+    fast, _ = model_pair(seed=14, use_cache=True)
+    fast.eval()
+    sdpa = copy.deepcopy(fast)
+    with handover.passing_through():
+        sdpa.set_attn_implementation("sdpa")
+    prompt = torch.randint(3, 97, (1, 11), generator=torch.Generator().manual_seed(14))
+    tokens = []
+    for model in (fast, sdpa):
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 64}
+        length = torch.export.Dim("length", min=1, max=32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.export's notes on the cache's lifted tensors
+            program = integration.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=64).export(
+                input_ids=prompt[:, :7], cache_position=torch.arange(7),
+                dynamic_shapes={"input_ids": {1: length}, "cache_position": {0: length}}, strict=False)
+            tokens.append(integration.TorchExportableModuleWithStaticCache.generate(
+                program, prompt_token_ids=prompt, max_new_tokens=8).tolist())
+    assert tokens[0] == tokens[1]
+
+
+def test_a_program_exported_with_a_dynamic_cache_matches_eager():
+    integration = _executorch_or_skip("export_with_dynamic_cache")
+    from transformers import DynamicCache
+
+    fast, eager = model_pair(seed=15)
+    fast.eval(), eager.eval()
+    ids, mask = _padded(2, 9, seed=1)
+    program = integration.export_with_dynamic_cache(fast, ids, mask)
+    with torch.no_grad():
+        out = program.module()(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=fast.config),
+                               use_cache=True).logits
+        reference = eager(input_ids=ids, attention_mask=mask).logits
+    assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL
