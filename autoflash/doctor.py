@@ -131,6 +131,7 @@ def status() -> dict:
     if torch_problem:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
                               for n in ("flash_attn_4", "flash_attn", "torch", "sdpa")]
+        result["bottom_line"] = bottom_line(result)
         return result
     from autoflash import backends, dispatch, handover, tracing, unpad_model
 
@@ -149,12 +150,41 @@ def status() -> dict:
             result["choices"][label] = dispatch.describe_choice(call)
         except Exception as exc:  # noqa: BLE001
             result["choices"][label] = {"call": call.describe(), "backend": None, "error": str(exc)}
+    result["bottom_line"] = bottom_line(result)
     return result
+
+
+def bottom_line(data: dict) -> str:
+    """What serves training and decoding on this machine, and the one thing that would make it faster."""
+    if data["disabled_by_env"]:
+        return f"off ({DISABLE_VARIABLE} is set): transformers' own attention runs; unset it to use autoflash"
+    if not data["active"]:
+        return f"not active in this process ({data['last_error'] or 'see below'})"
+    backend = {label.split(" ")[0]: choice.get("backend") or "no backend" for label, choice in data["choices"].items()}
+    training, decoding = backend.get("training"), backend.get("decode")
+    if training is None:
+        return f"torch is not importable here: nothing runs ({data['backends'][0]['reasons'][0]})"
+    serves = f"training and decoding run {training}" if training == decoding else \
+        f"training runs {training}, decoding runs {decoding}"
+    gpu = data["gpu"]
+    available = {b["name"] for b in data["backends"] if b["available"]}
+    if gpu is None:
+        faster = "an NVIDIA GPU of compute capability 8.0 or newer (Ampere, Hopper, Blackwell) runs flash kernels"
+    elif float(gpu["capability"]) < 8.0:
+        faster = f"flash kernels need compute capability 8.0 or newer; this GPU is {gpu['capability']}"
+    elif training == "sdpa":
+        faster = ('pip install "autoflash[flash-attn]" (flash-attn 2), or torch 2.9 or newer (its own varlen '
+                  'kernel): see the refusals below')
+    elif float(gpu["capability"]) >= 9.0 and "flash_attn_4" not in available:
+        faster = 'pip install "autoflash[fa4]" (FlashAttention-4, tried first on Hopper and Blackwell)'
+    else:
+        faster = "nothing to install: the fastest kernels autoflash knows serve this GPU"
+    return f"{serves} here; faster: {faster}"
 
 
 def report(data: dict) -> str:
     rank = data.get("rank")
-    lines = [f"autoflash {data['autoflash'] or '(not installed as a distribution)'}"
+    lines = [f"autoflash {data['autoflash'] or '(not installed as a distribution)'}: {bottom_line(data)}"
              + (f"  [rank {rank['rank']} of {rank['world_size']}, local rank {rank['local_rank']}]" if rank else "")]
     if data["disabled_by_env"]:
         lines.append(f"  DISABLED by {DISABLE_VARIABLE}: nothing is registered, nothing patched")
@@ -175,7 +205,9 @@ def report(data: dict) -> str:
     lines.append("switches:")
     for name in (DISABLE_VARIABLE, BACKEND_VARIABLE, LOG_VARIABLE, UNPAD_MODEL_VARIABLE, EXCLUDE_VARIABLE,
                  FAMILIES_VARIABLE):
-        lines.append(f"  {name}={os.environ.get(name, '')!s:<10} -> {data['settings'][name]}")
+        given = os.environ.get(name)
+        lines.append(f"  {name}={given!s:<10} -> {data['settings'][name]}" if given is not None else
+                     f"  {name:<22} (unset) -> {data['settings'][name]}")
     removal = data["padding_removal"]
     lines.append("padding removal: " + ("whole model where it changes no answer, else per layer"
                                         if removal["whole_model"] else f"per layer only ({UNPAD_MODEL_VARIABLE}=0)"))
@@ -183,6 +215,9 @@ def report(data: dict) -> str:
         last = removal["last"]
         lines.append(f"  last padded forward in this process: {last['path']}"
                      + (f" ({last['reason']})" if last["reason"] else ""))
+        head = last.get("lm_head_and_loss")
+        if head:
+            lines.append(f"    its LM head and loss: on the {head['on']}" + (f" ({head['reason']})" if head["reason"] else ""))
     for path, why in data.get("traced", {}).items():
         lines.append(f"  traced ({path}): {why}")
     for entry in data.get("handed_over", []):

@@ -142,7 +142,9 @@ def families() -> Dict[str, str]:
     with _lock:
         out = {}
         for family in FAMILIES:
-            if family.module in _applied:
+            if settings().disabled:
+                out[family.name] = "not watched: autoflash is off (AUTOFLASH_DISABLE)"
+            elif family.module in _applied:
                 out[family.name] = f"patched ({_applied[family.module].era} era)"
             elif family.module in _left_alone:
                 out[family.name] = f"not patched: {_left_alone[family.module]}"

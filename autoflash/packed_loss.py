@@ -31,6 +31,7 @@ from autoflash.layout import pack, scatter
 from autoflash.settings import logger
 
 IGNORE_INDEX = -100  # transformers' label for a position without a target
+REAL_HEAD, PADDED_HEAD = "real tokens", "padded layout"  # where the LM head and loss ran (status())
 _OUTPUT = None  # (class, field names) of the output packed_loss returns: see _output_class
 _logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
@@ -114,6 +115,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     model_kwargs["return_dict"] = True
 
     out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
+    unpad_model.record_head(REAL_HEAD, None)
     hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
     logits = module.lm_head(hidden)
     loss = release.loss(module, logits, pack(shift_labels, layout), extra)
@@ -136,7 +138,9 @@ def _padded_logits(module, reason, original, args, kwargs):
     if reason not in _logged:
         _logged.add(reason)
         logger.debug("autoflash: logits and loss on the padded layout: %s", reason)
-    return original(module, *args, **kwargs)
+    out = original(module, *args, **kwargs)
+    unpad_model.record_head(PADDED_HEAD, reason)
+    return out
 
 
 # -- the output, with padded logits built on first use ---------------------------------------------

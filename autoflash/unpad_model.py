@@ -58,6 +58,8 @@ _generating = contextvars.ContextVar("autoflash_generating", default=0)
 _published = contextvars.ContextVar("autoflash_published", default=None)
 # (path, reason) of the last padded forward
 _last = contextvars.ContextVar("autoflash_last_path", default=None)
+# (where, reason) the last padded forward's LM head and loss ran, for a causal LM given labels (packed_loss)
+_last_head = contextvars.ContextVar("autoflash_last_head", default=None)
 _logged = set()
 
 
@@ -68,12 +70,24 @@ def last_decision() -> Optional[dict]:
     if last is None:
         return None
     path, reason = last
-    return {"path": path, "reason": reason}
+    decision = {"path": path, "reason": reason}
+    head = _last_head.get()
+    if head is not None:
+        decision["lm_head_and_loss"] = {"on": head[0], "reason": head[1]}
+    return decision
+
+
+def record_head(on: str, reason: Optional[str]) -> None:
+    """Where the LM head and the loss of the forward just recorded ran: "real tokens" or "padded layout"
+    (and why), so that status() never reports a whole-model path whose head ran padded as all saved."""
+    if not tracing.is_tracing():
+        _last_head.set((on, reason))
 
 
 @torch.compiler.assume_constant_result  # a compiled program's path is recorded when it is traced
 def record(path: str, reason: Optional[str]) -> None:
     _last.set((path, reason))
+    _last_head.set(None)  # a causal LM's wrapper says where its head ran, after its decoder
     if reason is not None and reason not in _logged:
         _logged.add(reason)
         logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)

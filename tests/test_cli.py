@@ -65,3 +65,18 @@ def test_demo_trains_and_decodes_and_compares_with_eager():
     logits_error = float(training.split("logits ")[1].split(",")[0])
     assert logits_error < 1e-5
     assert "20/20 tokens identical" in decode
+
+
+def test_doctor_opens_with_what_serves_this_machine_and_what_would_be_faster():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU machine's bottom line")
+    first = _cli("doctor").stdout.splitlines()[0]
+    assert first.startswith("autoflash ") and "training and decoding run sdpa here" in first, first
+    assert "faster: an NVIDIA GPU of compute capability 8.0 or newer" in first, first
+    assert json.loads(_cli("doctor", "--json").stdout)["bottom_line"] == first.split(": ", 1)[1]
+    off = _cli("doctor", env={**os.environ, "AUTOFLASH_DISABLE": "1"}).stdout
+    assert "off (AUTOFLASH_DISABLE is set)" in off.splitlines()[0]
+    assert " watched (not imported yet)" not in off  # nothing is watched while autoflash is off

@@ -499,3 +499,23 @@ def test_return_dict_off_in_the_config_keeps_the_saving_and_returns_a_tuple():
     assert isinstance(out, tuple) and isinstance(ref, tuple)
     assert relative_error(out[0], ref[0]) < LOSS_RTOL
     assert relative_error(out[1][mask.bool()], ref[1][mask.bool()]) < FLOAT32_RTOL
+
+
+def test_status_names_where_the_lm_head_and_loss_ran():
+    """status() says what ran: a left-padded batch whose labels keep the first real token of a row (a target
+    predicted from padding, ../shared/FINDINGS.md item 4) runs its decoder on the packed row but its LM head
+    and loss on the padded layout; with that label set to -100 all of it runs on the real tokens."""
+    from autoflash import unpad_model
+
+    fast, _ = model_pair(seed=21)
+    mask = padding_mask([6, 3, 5], "left")
+    ids = torch.randint(3, 97, mask.shape)
+    fast(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    last = unpad_model.last_decision()
+    assert last["path"] == "whole-model"
+    assert last["lm_head_and_loss"]["on"] == "padded layout"
+    assert "predicted from a padding position" in last["lm_head_and_loss"]["reason"]
+    fast(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    assert unpad_model.last_decision()["lm_head_and_loss"] == {"on": "real tokens", "reason": None}
+    fast(input_ids=ids, attention_mask=mask)  # no labels: no LM-head record left over from the last forward
+    assert "lm_head_and_loss" not in unpad_model.last_decision()
