@@ -99,3 +99,14 @@ def test_console_script_reports_the_installed_pth(installed):
     assert data["startup"]["will_run"] is True
     assert str(_site_packages(python) / "autoflash.pth") in data["startup"]["files"]
 
+
+
+def test_ci_runs_the_readmes_own_commands():
+    """CI installs and tests exactly as the README tells a newcomer: every command .ci/run executes is a line
+    of the README (a README that drifts from what CI proves fails here)."""
+    readme = (REPO / "README.md").read_text()
+    commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith(("#", "set ", "cd ", "rm ", "#!"))]
+    assert commands, "no command found in .ci/run"
+    for command in commands:
+        assert command in readme, f"{command!r} is run by CI but not written in README.md"
