@@ -254,7 +254,7 @@ def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_c
     given the keys each query may see as autoflash's mask function described them."""
     if kwargs.get("output_attentions") or handover._config_asks_for_weights(module):
         # the user can do something about this one (load the model with eager): a warning, once
-        _once("weights", "autoflash: output_attentions=True runs eager attention for those calls (flash kernels "
+        _once("weights", "output_attentions=True runs eager attention for those calls (flash kernels "
                          "return no attention weights)")
     allowed = None
     if attention_mask is None or attention_mask.dim() <= 2:

@@ -204,7 +204,7 @@ def _log_fallback(call: AttentionCall, decision: Decision) -> None:
     if not _first_time((call.kind, decision.backend, decision.refused[0])):
         return
     log = logger.warning if _user_can_act(call, decision) else logger.info
-    log("autoflash: %s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
+    log("%s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
                    {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
                     "masked": "traced padded/packed"}[call.kind],
                    decision.backend, decision.why())
@@ -217,7 +217,7 @@ def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) ->
         return
     if not _first_time(("deterministic", decision.backend)):
         return
-    logger.warning("autoflash: %s asks flash-attn for a deterministic backward, but %s serves this training "
+    logger.warning("%s asks flash-attn for a deterministic backward, but %s serves this training "
                    "call (%s), and its backward is deterministic only under torch.use_deterministic_algorithms(True)"
                    ": set that too, or install flash-attn >= 2.4.1", FLASH_ATTN_SWITCH, decision.backend,
                    decision.why() or call.describe())

@@ -243,7 +243,7 @@ def record(what: str, to: str, config=None) -> None:
         entry = _handed_over.get(key)
         if entry is None:
             entry = _handed_over[key] = {"call": what, "to": to, "asked_for": None, "count": 0}
-            logger.log(logging.INFO, "autoflash: %s: handed to %s, which computes it as transformers alone would",
+            logger.log(logging.INFO, "%s: handed to %s, which computes it as transformers alone would",
                        what, to)
         entry["count"] += 1
         if config is not None:

@@ -80,7 +80,7 @@ def apply(module, family=None) -> bool:
                 # a release older than the family's eras: transformers' own attention serves it
                 version = getattr(sys.modules.get("transformers"), "__version__", "unknown")
                 _left_alone[name] = f"{family.name} is patched from {served_from(family)}; this is {version}"
-                logger.info("autoflash: %s", _left_alone[name])
+                logger.info("%s", _left_alone[name])
                 return False
             _warn_unknown_version(module, family)
             return False

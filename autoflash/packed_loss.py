@@ -137,7 +137,7 @@ def _padded_logits(module, reason, original, args, kwargs):
     (padded positions hold zeros on every path)."""
     if reason not in _logged:
         _logged.add(reason)
-        logger.debug("autoflash: logits and loss on the padded layout: %s", reason)
+        logger.debug("logits and loss on the padded layout: %s", reason)
     out = original(module, *args, **kwargs)
     unpad_model.record_head(PADDED_HEAD, reason)
     return out

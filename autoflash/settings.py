@@ -86,12 +86,23 @@ def settings() -> Settings:
     return result
 
 
+class _WhereLoggingIsNotConfigured(logging.StreamHandler):
+    """Prints autoflash's records, named, where the application configured no logging (Python would print a
+    warning's bare text, or drop an info line asked for with AUTOFLASH_LOG). Where the root logger has a
+    handler, the record goes there alone, in the application's own format ("WARNING:autoflash:..." under
+    ``logging.basicConfig()``): messages carry no "autoflash:" prefix of their own."""
+
+    def emit(self, record):
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+    def format(self, record):
+        text = super().format(record)
+        tag = "autoflash" if record.levelno >= logging.WARNING else f"autoflash {record.levelname.lower()}"
+        return text if text.startswith("autoflash") else f"{tag}: {text}"
+
+
 def _configure_logger(level_name: str) -> None:
-    level = LOG_CHOICES[level_name]
-    logger.setLevel(level)
-    if level < logging.WARNING and not logger.handlers:
-        # Asking for info/debug output is asking to see it, even where the application
-        # never configured logging.
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("autoflash %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
+    logger.setLevel(LOG_CHOICES[level_name])
+    if not any(isinstance(h, _WhereLoggingIsNotConfigured) for h in logger.handlers):
+        logger.addHandler(_WhereLoggingIsNotConfigured())

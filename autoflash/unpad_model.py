@@ -90,7 +90,7 @@ def record(path: str, reason: Optional[str]) -> None:
     _last_head.set(None)  # a causal LM's wrapper says where its head ran, after its decoder
     if reason is not None and reason not in _logged:
         _logged.add(reason)
-        logger.debug("autoflash: padding removed per layer, not for the whole model: %s", reason)
+        logger.debug("padding removed per layer, not for the whole model: %s", reason)
 
 
 def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:

@@ -106,7 +106,7 @@ def test_flash_attentions_variable_alone_warns_where_a_kernel_that_ignores_it_se
         assert dispatch.choose(_call(q_len=length, kv_len=length, deterministic=FLASH_ATTN_SWITCH)).backend == "torch"
     warnings = [r.getMessage() for r in caplog.records if "deterministic" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith(
-        "autoflash: FLASH_ATTENTION_DETERMINISTIC=1 asks flash-attn for a deterministic backward, but torch serves")
+        "FLASH_ATTENTION_DETERMINISTIC=1 asks flash-attn for a deterministic backward, but torch serves")
     assert "set that too, or install flash-attn >= 2.4.1" in warnings[0]
     caplog.clear()
     dispatch.choose(_call(q_len=256, kv_len=256, deterministic=TORCH_SWITCH))  # torch's kernels heed it

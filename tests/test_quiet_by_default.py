@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from _subprocess import run_python
 from conftest import labels_for, model_pair, padding_mask
 
 
@@ -53,3 +54,24 @@ def test_training_evaluation_and_generation_say_nothing_that_transformers_alone_
     ours = _everything_said(fast, ids, mask)
     assert ours <= theirs, ours - theirs
     assert not [s for s in ours if s.startswith("autoflash")]
+
+
+def test_warnings_read_once_named_under_the_applications_logging_and_without_it():
+    """Under logging.basicConfig() a warning reads in the application's format, naming autoflash once
+    ("WARNING:autoflash:..."); where nothing is configured it still says it comes from autoflash."""
+    code = """
+        import logging, os
+        if os.environ["LOGGING_UNDER_TEST"] == "configured":
+            logging.basicConfig()
+        import torch, autoflash
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2)
+        LlamaForCausalLM(config)(torch.randint(0, 50, (1, 5)), output_attentions=True)
+    """
+    configured = [line for line in run_python(code, env={"LOGGING_UNDER_TEST": "configured"}).stderr.splitlines() if "autoflash" in line]
+    assert configured == ["WARNING:autoflash:output_attentions=True runs eager attention for those calls (flash "
+                          "kernels return no attention weights)"], configured
+    bare = [line for line in run_python(code, env={"LOGGING_UNDER_TEST": "none"}).stderr.splitlines() if "autoflash" in line]
+    assert bare == ["autoflash: output_attentions=True runs eager attention for those calls (flash kernels return "
+                    "no attention weights)"], bare

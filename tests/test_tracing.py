@@ -341,7 +341,7 @@ def test_a_program_exported_with_a_dynamic_cache_matches_eager():
     ids, mask = _padded(2, 9, seed=1)
     program = integration.export_with_dynamic_cache(fast, ids, mask)
     with torch.no_grad():
-        out = program.module()(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=fast.config),
-                               use_cache=True).logits
+        cache = {cache_keyword(fast): DynamicCache(config=fast.config)}  # `cache` from 5.2x, past_key_values before
+        out = program.module()(input_ids=ids, attention_mask=mask, use_cache=True, **cache).logits
         reference = eager(input_ids=ids, attention_mask=mask).logits
     assert _max_error_at_real_positions(out, reference, mask) < FLOAT32_RTOL

@@ -391,7 +391,9 @@ def test_switch_off_keeps_only_the_per_layer_path_and_doctor_says_so():
         _assert_per_layer(shapes, 3, 8, "AUTOFLASH_UNPAD_MODEL=0")
         assert autoflash.status()["settings"]["AUTOFLASH_UNPAD_MODEL"] is False
         assert autoflash.status()["padding_removal"] == {
-            "whole_model": False, "last": {"path": "per-layer", "reason": "AUTOFLASH_UNPAD_MODEL=0"}}
+            "whole_model": False, "last": {"path": "per-layer", "reason": "AUTOFLASH_UNPAD_MODEL=0",
+                                           "lm_head_and_loss": {"on": "padded layout",
+                                                                "reason": "AUTOFLASH_UNPAD_MODEL=0"}}}
         assert "per layer only (AUTOFLASH_UNPAD_MODEL=0)" in doctor.report(doctor.status())
     assert autoflash.status()["settings"]["AUTOFLASH_UNPAD_MODEL"] is True
 

@@ -101,7 +101,7 @@ _warned = []
 def _warn_no_weights():
     if not _warned:
         _warned.append(True)
-        logger.warning("autoflash: output_attentions=True returns no attention weights under transformers < 4.48, "
+        logger.warning("output_attentions=True returns no attention weights under transformers < 4.48, "
                        "whose flash-attention model code autoflash runs behind; load the model with "
                        "attn_implementation='eager' to get them")
 
