@@ -57,19 +57,22 @@ def _bars(ax, rows, key, unit, reference=None, log=False):
     top = max(values) if any(values) else 1
     for y, r in enumerate(rows[::-1]):
         if "skipped" in r:
-            ax.text(top * 0.01 if not log else 1, y, f"  {r['skipped'][:40]}", va="center", fontsize=7, color="#555")
+            note = r["skipped"] if len(r["skipped"]) <= 70 else r["skipped"][:67] + "..."
+            ax.text(top * 0.01 if not log else 1, y, f"  {note}", va="center", fontsize=6.5, color="#555")
         else:
-            ax.text(r[key], y, f" {r[key]:,.{1 if r[key] < 100 else 0}f}", va="center", fontsize=7)
+            # the value sits right of its bar, on a white ground: neither the frame nor the reference strikes it
+            ax.text(r[key], y, f" {r[key]:,.{1 if r[key] < 100 else 0}f}", va="center", fontsize=7,
+                    bbox=dict(facecolor="white", edgecolor="none", pad=0.5))
     if reference:
-        ax.axvline(reference[1], color=REFERENCE_COLOUR, linestyle="--", linewidth=1)
-        ax.text(reference[1], len(rows) - 0.4, f" {reference[0]}", color=REFERENCE_COLOUR, fontsize=7,
-                va="bottom")
+        # named in a legend, not beside the line, where it crossed the bars' labels
+        ax.axvline(reference[1], color=REFERENCE_COLOUR, linestyle="--", linewidth=1, label=reference[0], zorder=0)
+        ax.legend(loc="lower right", fontsize=7, framealpha=1)
     if log:
         ax.set_xscale("log", base=2)
         ax.set_xlim(left=min(v for v in values if v) / 2 if any(values) else 1)
     ax.set_xlabel(unit)
     ax.tick_params(axis="y", labelsize=8)
-    ax.set_xlim(right=top * (3 if log else 1.25))
+    ax.set_xlim(right=top * (4 if log else 1.35))
 
 
 def _training(plt, result, title):
@@ -96,13 +99,28 @@ def _decoding(plt, result, title):
     return fig, title
 
 
+OTHER_LINES = ("#4d4d4d", "#7570b3", "#1f78b4", "#66a61e", "#a6761d", "#e7298a")
+AUTOFLASH_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
 def _kernels(plt, result, title):
     fig, ax = plt.subplots(figsize=(8, 4))
-    for kernel in dict.fromkeys(r["kernel"] for r in result["rows"]):
+    kernels = list(dict.fromkeys(r["kernel"] for r in result["rows"]))
+    ours = [k for k in kernels if "autoflash" in k]
+    theirs = [k for k in kernels if k not in ours]
+    for kernel in kernels:
         rows = [r for r in result["rows"]  # (W1's packed lengths are a row of the table, not a point here)
                 if r["kernel"] == kernel and "skipped" not in r and isinstance(r["length"], (int, float))]
-        ax.plot([r["length"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], marker="o", label=kernel,
-                linewidth=2.5 if "autoflash" in kernel else 1.2)
+        if kernel in ours:  # autoflash in its one colour everywhere, its backends told apart by line and marker
+            style, marker = AUTOFLASH_STYLES[ours.index(kernel) % len(AUTOFLASH_STYLES)]
+            colour, width = AUTOFLASH_COLOUR, 2.5
+        else:
+            style, marker, colour, width = "-", "o", OTHER_LINES[theirs.index(kernel) % len(OTHER_LINES)], 1.2
+        ax.plot([r["length"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], marker=marker, linestyle=style,
+                color=colour, label=kernel, linewidth=width)
+    if not ours:
+        ax.text(0.01, 0.02, "this run timed bare kernels only: no autoflash line", transform=ax.transAxes,
+                fontsize=7, color="#555")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (16k tokens per call)")
     ax.set_ylabel("TFLOP/s, forward + backward")
@@ -122,12 +140,13 @@ TITLES = {"w1": "W1: one training step on a padded batch", "w1packed": "W1-packe
           "w4": "W4: longest single sequence"}
 
 
-def plot(workload: str, result: dict, path: Path) -> str:
+def plot(workload: str, result: dict, path: Path, variant: str = "") -> str:
+    """``variant``: what tells this run from the workload's others (the file's name after the workload's)."""
     plt = _pyplot()
     if plt is None:
         return "(matplotlib not installed: no plot)"
     draw = {"w1": _training, "w1packed": _training, "w2": _decoding, "w3": _kernels, "w4": _longest}[workload]
-    fig, title = draw(plt, result, TITLES[workload])
+    fig, title = draw(plt, result, TITLES[workload] + (f" ({variant})" if variant else ""))
     fig.suptitle(f"{title}\n{_caption(result)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -135,13 +154,22 @@ def plot(workload: str, result: dict, path: Path) -> str:
     return str(path)
 
 
-def summary(directory: Path, path: Path) -> str:
-    """Training speed (W1) and compiled decoding speed (W2, batch 16) of autoflash and transformers' own."""
+# the summary's two panels, from runs on one GPU: W1 with FlashAttention-4 beside flash-attn 2 and transformers'
+# own (H200), and the first W2 run on transformers 5.25 (H200; the second run's ratio was the higher one)
+SUMMARY_SOURCES = ("w1-fa4.json", "w2-transformers-5.25.json")
+
+
+def summary(directory: Path, path: Path, sources=SUMMARY_SOURCES) -> str:
+    """Training speed (W1) and compiled decoding speed (W2, batch 16) of autoflash and transformers' own, from
+    runs on one GPU (a figure never sets two machines side by side)."""
     plt = _pyplot()
     if plt is None:
         return "(matplotlib not installed: no plot)"
-    w1 = json.loads((directory / "w1.json").read_text())
-    w2 = json.loads((directory / "w2.json").read_text())
+    w1 = json.loads((directory / sources[0]).read_text())
+    w2 = json.loads((directory / sources[1]).read_text())
+    gpus = {(w.get("environment") or {}).get("gpu") for w in (w1, w2)}
+    if len(gpus) != 1:
+        return f"(no summary: {sources[0]} and {sources[1]} come from different GPUs: {sorted(map(str, gpus))})"
     fig, (train, decode) = plt.subplots(1, 2, figsize=(10, 3.4))
     wanted = ("sdpa", "flash_attention_2", "fa2 padding-free", "autoflash")
     rows = [dict(r, label=r["competitor"].replace("fa2 padding-free", "fa2, packed by hand"))
@@ -155,7 +183,8 @@ def summary(directory: Path, path: Path) -> str:
     decode.set_title(f"transformers' compiled decoding, batch 16\n{_caption(w2)}".replace(", transformers",
                                                                                           "\ntransformers"),
                      fontsize=7, loc="left")
-    fig.suptitle("autoflash against transformers' own attention (LLaMA-3-8B-shaped layers x4, bf16)", fontsize=10)
+    fig.suptitle(f"autoflash against transformers' own attention on one {gpus.pop().replace('NVIDIA ', '')} "
+                 "(LLaMA-3-8B-shaped layers x4, bf16)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -168,8 +197,9 @@ def redraw(directory: Path) -> None:
         workload = max((w for w in TITLES if source.stem == w or source.stem.startswith(w + "-")), key=len,
                        default=None)
         if workload is not None:
-            print(plot(workload, json.loads(source.read_text()), source.with_suffix(".png")))
-    if (directory / "w1.json").exists() and (directory / "w2.json").exists():
+            variant = source.stem[len(workload) + 1:]
+            print(plot(workload, json.loads(source.read_text()), source.with_suffix(".png"), variant))
+    if all((directory / name).exists() for name in SUMMARY_SOURCES):
         print(summary(directory, directory / "summary.png"))
 
 
