@@ -107,20 +107,29 @@ def is_paged(kwargs: dict) -> bool:
 
 
 def why_not_mine(kwargs: dict, attention_mask) -> Optional[str]:
-    """Why autoflash's kernels cannot serve this call as transformers described it, or None."""
-    paged = [name for name in PAGED_KEYWORDS if kwargs.get(name) is not None]
-    if paged:
-        return "continuous batching's paged cache (" + ", ".join(paged) + ")"
-    if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
-        return "key lengths given per layer type"
-    eager = [name for name in NEEDS_EAGER if kwargs.get(name) not in (None, 0, 0.0)]
-    if eager:
-        return "attention " + " and ".join(_WHAT[name] for name in eager)
-    unknown = sorted(name for name, value in kwargs.items()
-                     if name not in KNOWN_KEYWORDS and name not in NEEDS_EAGER and value is not None
-                     and value is not False)
-    if unknown:
-        return "keyword arguments autoflash does not read (" + ", ".join(unknown) + ")"
+    """Why autoflash's kernels cannot serve this call as transformers described it, or None.
+
+    Asked by every layer of every forward, decode steps included: the usual call (only known keywords, a
+    mask of at most two dimensions) is told apart by one pass over the keywords and three lookups."""
+    if all(name in KNOWN_KEYWORDS for name in kwargs):
+        if kwargs.get("softcap") not in (None, 0, 0.0):
+            return "attention logit softcapping"
+        if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
+            return "key lengths given per layer type"
+    else:
+        paged = [name for name in PAGED_KEYWORDS if kwargs.get(name) is not None]
+        if paged:
+            return "continuous batching's paged cache (" + ", ".join(paged) + ")"
+        if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
+            return "key lengths given per layer type"
+        eager = [name for name in NEEDS_EAGER if kwargs.get(name) not in (None, 0, 0.0)]
+        if eager:
+            return "attention " + " and ".join(_WHAT[name] for name in eager)
+        unknown = sorted(name for name, value in kwargs.items()
+                         if name not in KNOWN_KEYWORDS and name not in NEEDS_EAGER and value is not None
+                         and value is not False)
+        if unknown:
+            return "keyword arguments autoflash does not read (" + ", ".join(unknown) + ")"
     if kwargs.get("output_attentions"):
         return "output_attentions=True (flash kernels return no attention weights)"
     if attention_mask is not None and attention_mask.dim() > 2:
