@@ -90,9 +90,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kwargs):
     """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
     packed = kwargs.get("autoflash_packed_row")
-    if packed is not None and packed.backend is not None and handover.why_not_mine(kwargs, attention_mask) is None \
-            and _same_call(packed, query, key, dropout, is_causal,
-                                                                        module, kwargs):
+    if packed is not None and packed.backend is not None \
+            and handover.why_not_mine(kwargs, attention_mask, module) is None \
+            and _same_call(packed, query, key, dropout, is_causal, module, kwargs):
         scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
         out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
         return (out if out.dtype == query.dtype else out.to(query.dtype)), None
@@ -144,7 +144,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     at trace time (``dispatch.pick``), so the compiled program holds neither Python decisions
     nor thread state, and a decode step can be one CUDA graph.
     """
-    why = handover.why_not_mine(kwargs, attention_mask)
+    why = handover.why_not_mine(kwargs, attention_mask, module)
     if why is not None:
         return _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why)
     in_dtype = query.dtype
@@ -252,7 +252,7 @@ def _once(key: str, message: str, level: int = logging.WARNING) -> None:
 def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why):
     """A call autoflash's kernels do not serve: transformers' own attention computes it (``autoflash.handover``),
     given the keys each query may see as autoflash's mask function described them."""
-    if kwargs.get("output_attentions") or handover._config_asks_for_weights(module):
+    if kwargs.get("output_attentions") or handover.config_asks_for_weights(module):
         # the user can do something about this one (load the model with eager): a warning, once
         _once("weights", "output_attentions=True runs eager attention for those calls (flash kernels "
                          "return no attention weights)")

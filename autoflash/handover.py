@@ -106,7 +106,7 @@ def is_paged(kwargs: dict) -> bool:
     return any(kwargs.get(name) is not None for name in PAGED_KEYWORDS)
 
 
-def why_not_mine(kwargs: dict, attention_mask) -> Optional[str]:
+def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
     """Why autoflash's kernels cannot serve this call as transformers described it, or None.
 
     Asked by every layer of every forward, decode steps included: the usual call (only known keywords, a
@@ -130,7 +130,7 @@ def why_not_mine(kwargs: dict, attention_mask) -> Optional[str]:
                          and value is not False)
         if unknown:
             return "keyword arguments autoflash does not read (" + ", ".join(unknown) + ")"
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions") or config_asks_for_weights(module):
         return "output_attentions=True (flash kernels return no attention weights)"
     if attention_mask is not None and attention_mask.dim() > 2:
         return "a 4-D attention mask (built by the caller, or by transformers 4.48-4.5x for a static cache)"
@@ -148,7 +148,7 @@ def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is
     the causal offset of a cache, a sliding window), or None where no mask is needed (a plain causal call).
     """
     needs_eager = (kwargs.get("output_attentions") or any(kwargs.get(n) not in (None, 0, 0.0) for n in NEEDS_EAGER)
-                   or _config_asks_for_weights(module))
+                   or config_asks_for_weights(module))
     to = "eager" if needs_eager else "sdpa"
     record(why, f"transformers' {to}", getattr(module, "config", None))
     if attention_mask is not None and attention_mask.dim() > 2:
@@ -171,7 +171,7 @@ def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is
     return function(module, query, key, value, mask, dropout=dropout, scaling=scaling, **passed)
 
 
-def _config_asks_for_weights(module) -> bool:
+def config_asks_for_weights(module) -> bool:
     # read from the config's own attributes: transformers' attribute lookup on configs costs ~4 us,
     # paid by every layer of every decode step (5.x keeps the flag as ``_output_attentions``)
     attributes = getattr(getattr(module, "config", None), "__dict__", {})
