@@ -225,3 +225,21 @@ def test_the_managers_own_switch_to_flash_attention_reaches_transformers(monkeyp
     assert all(passing for _, passing in seen), seen
     assert model.config._attn_implementation == seen[1][0]
     assert manager._original_attn_impl == handover.ATTENTION_NAME  # what the manager restores when it stops
+
+
+@modern_only
+def test_a_config_that_asks_for_attention_weights_gets_eagers_weights():
+    """output_attentions set on the config, not passed to the call: still eager's weights, never none."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(tiny_config(output_attentions=True)).eval()
+    eager = copy.deepcopy(model)
+    with handover.passing_through():
+        eager.set_attn_implementation("eager")
+    ids = torch.randint(3, 97, (2, 6))
+    with torch.no_grad():
+        out, ref = model(input_ids=ids), eager(input_ids=ids)
+    assert out.attentions is not None and len(out.attentions) == len(ref.attentions)
+    for weights, expected in zip(out.attentions, ref.attentions):
+        assert relative_error(weights, expected) < FLOAT32_RTOL
