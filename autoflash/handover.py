@@ -122,7 +122,7 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
             return "continuous batching's paged cache (" + ", ".join(paged) + ")"
         if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
             return "key lengths given per layer type"
-        eager = [name for name in NEEDS_EAGER if kwargs.get(name) not in (None, 0, 0.0)]
+        eager = _asks_more_than_softmax(kwargs)
         if eager:
             return "attention " + " and ".join(_WHAT[name] for name in eager)
         unknown = sorted(name for name, value in kwargs.items()
@@ -140,6 +140,11 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
 _WHAT = {"softcap": "logit softcapping", "s_aux": "sinks", "sinks": "sinks"}
 
 
+def _asks_more_than_softmax(kwargs: dict) -> list:
+    """The keywords of NEEDS_EAGER this call gives a value (sdpa computes none of them)."""
+    return [name for name in NEEDS_EAGER if kwargs.get(name) not in (None, 0, 0.0)]
+
+
 def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is_causal, kwargs, why: str):
     """The call, as transformers' own attention computes it for this model.
 
@@ -147,8 +152,7 @@ def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is
     keys each query may see, built from autoflash's understanding of the batch (padding, packed sequences,
     the causal offset of a cache, a sliding window), or None where no mask is needed (a plain causal call).
     """
-    needs_eager = (kwargs.get("output_attentions") or any(kwargs.get(n) not in (None, 0, 0.0) for n in NEEDS_EAGER)
-                   or config_asks_for_weights(module))
+    needs_eager = kwargs.get("output_attentions") or _asks_more_than_softmax(kwargs) or config_asks_for_weights(module)
     to = "eager" if needs_eager else "sdpa"
     record(why, f"transformers' {to}", getattr(module, "config", None))
     if attention_mask is not None and attention_mask.dim() > 2:
@@ -164,8 +168,11 @@ def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is
         passed.pop("position_ids", None)
         return _eager_of(module)(module, query, key, value, mask, dropout=dropout, scaling=scaling, **passed)
     function = _transformers_function("sdpa")
-    if function is None:  # transformers 4.37-4.47: no function registry; torch's SDPA on the same mask
-        return _sdpa(query, key, value, mask, dropout, scaling, is_causal if mask is None else False), None
+    if function is None:
+        # transformers 4.37-4.47 keep no registry of attention functions; their routed flash path hands autoflash
+        # only the arguments it knows, so no call should get here
+        raise NotHandedOver(f"autoflash: {why}, and this transformers has no attention function to hand it to; "
+                            "load the model with attn_implementation='eager' and please report this")
     if is_causal is not None:
         passed["is_causal"] = is_causal
     return function(module, query, key, value, mask, dropout=dropout, scaling=scaling, **passed)
@@ -192,15 +199,6 @@ def _eager_of(module):
     if eager is None:
         eager = importlib.import_module(families.FAMILIES[0].module).eager_attention_forward
     return eager
-
-
-def _sdpa(query, key, value, mask, dropout, scaling, causal):
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # enable_gqa exists from torch 2.5: repeat K/V heads, as transformers of that time did
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling, is_causal=bool(causal))
-    return out.transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------- a whole model
