@@ -2,15 +2,22 @@
 
 After ``autoflash.unpad_model`` has run the decoder stack on the packed row, the LM head
 and the loss need not see padding either: the largest tensor of a training step is the
-logits, ``[batch, padded length, vocab]`` (then once more in float32 for the loss). Here
-the LM head runs on the real tokens and the loss on their shifted labels, exactly as
-transformers defines it (targets ``labels[t + 1]``, ``-100`` ignored, ``num_items_in_batch``
-dividing a summed loss), so the loss equals eager's.
+logits, ``[batch, padded length, vocab]`` (then once more in float32 for the loss).
+
+Where the release passes keyword arguments from the causal LM to its decoder (transformers
+>= 4.48), the model's own forward runs on the packed row: its LM head (whatever it does to the
+logits: soft-capping, scaling), its loss (whatever it adds: a router term), its output class.
+It is handed the packed targets one place late, so that its own shift by one scores each real
+token against the next token of the same sequence, and no attention mask (every packed token is
+real: a mask-weighted term over the padded batch equals the plain term over the row). Before
+4.48 the causal LM calls its decoder with named arguments only; there the LM head runs on the
+real tokens and the loss is the one those releases compute inline (targets ``labels[t + 1]``,
+``-100`` ignored, ``num_items_in_batch`` dividing a summed loss). Either way the loss equals
+eager's.
 
 The padded ``logits`` are built only if the caller reads them (``out.logits``,
 ``out["logits"]``, ``out[1]``, ``to_tuple()``, ``items()``): a training loop that only calls
-``out.loss.backward()`` never allocates them. Padded positions then hold the LM head of
-zero hidden states.
+``out.loss.backward()`` never allocates them. Padded positions then hold zeros.
 
 A loss term predicted *from* a padding position (a label that is not -100 right after padding:
 the first real token of a left-padded row, ../shared/FINDINGS.md item 4) has no real token
@@ -32,7 +39,8 @@ from autoflash.settings import logger
 
 IGNORE_INDEX = -100  # transformers' label for a position without a target
 REAL_HEAD, PADDED_HEAD = "real tokens", "padded layout"  # where the LM head and loss ran (status())
-_OUTPUT = None  # (class, field names) of the output packed_loss returns: see _output_class
+# output class -> (its subclass with logits built on first read, its field names): see _lazy_output_class
+_LAZY = {}
 _logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
@@ -41,9 +49,8 @@ _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
 def wrap(original, lm_class, family, attention_name, release: unpad_model.Release):
     """``lm_class``: the family's ForCausalLM (``autoflash.families``); ``release``: as given to
     ``unpad_model.wrap``; where a traced decoder keeps its padding, so do logits and loss."""
-    global _OUTPUT
-    _OUTPUT = _OUTPUT or _output_class()
     signature = inspect.signature(original)
+    _lazy_output_class(_declared_output(signature))
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
     # what the caller passes beyond these goes to the loss too (num_items_in_batch, ...), as the forward does
     named = frozenset(p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD)
@@ -112,16 +119,33 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
         return _padded_logits(module, "no real token in the batch (every position is padding)", original, args,
                               kwargs)
     tuple_wanted = unpad_model.wants_tuple(module, call)
-    model_kwargs["return_dict"] = True
-
-    out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
+    targets = pack(shift_labels, layout)  # (1, real tokens): what each real token is scored against
+    if release.as_kwargs:
+        output = _models_own_forward(original, module, call, layout, targets)
+    else:
+        model_kwargs["return_dict"] = True
+        out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
+        hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
+        logits = module.lm_head(hidden)
+        loss = release.loss(module, logits, targets, extra)
+        fields = {**{k: out.get(k) for k in out.keys() if k != "last_hidden_state"}, "loss": loss, "logits": logits}
+        output = _with_padded_logits_on_read(_declared_output(None), fields, layout)
     unpad_model.record_head(REAL_HEAD, None)
-    hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
-    logits = module.lm_head(hidden)
-    loss = release.loss(module, logits, pack(shift_labels, layout), extra)
-    lm_head = module.lm_head
-    output = _output(out, loss, lambda: lm_head(scatter(hidden, layout)))
     return output.to_tuple() if tuple_wanted else output
+
+
+def _models_own_forward(original, module, call, layout, targets):
+    """The causal LM's own forward, its decoder on the packed row: its head, its loss, its output."""
+    # its loss scores position t against labels[t + 1]: given the targets one place late, each real token
+    # is scored against its own target (the row's last target is -100: no label follows a sequence's end
+    # unless one is predicted from padding, which keeps the padded layout)
+    late = torch.nn.functional.pad(targets, (1, 0), value=IGNORE_INDEX)[:, :-1]
+    given = {**call, "labels": late, "attention_mask": None, "return_dict": True, unpad_model.PLAN_KEYWORD: layout}
+    if call.get("shift_labels") is not None:  # the caller's own targets, taken as they are
+        given["shift_labels"] = targets
+    out = original(module, **given)
+    fields = {k: out.get(k) for k in out.keys()}
+    return _with_padded_logits_on_read(type(out), fields, layout)
 
 
 def _compiled_on_its_own(decoder) -> bool:
@@ -145,24 +169,40 @@ def _padded_logits(module, reason, original, args, kwargs):
 
 # -- the output, with padded logits built on first use ---------------------------------------------
 
+def _declared_output(signature):
+    """The output class a causal LM's forward declares (transformers annotates it), else LLaMA's."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    declared = signature.return_annotation if signature is not None else None
+    if isinstance(declared, type) and dataclasses.is_dataclass(declared):
+        return declared
+    return CausalLMOutputWithPast
+
+
 # Reached in a trace only where it may break (fullgraph compiles and exports keep transformers' own
 # output: see wrap); dynamo traces it whole there (findings 60).
-def _output(model_out, loss, build_logits):
-    output_class, names = _OUTPUT
+def _with_padded_logits_on_read(output_class, fields, layout):
+    """``output_class`` holding ``fields``, whose packed ``logits`` are laid out padded when first read."""
+    packed_logits = fields["logits"]
+    lazy = _LAZY.get(output_class)
+    if lazy is None:
+        if tracing.is_tracing():  # a class is made outside traces only: lay the logits out now
+            return output_class(**{**fields, "logits": scatter(packed_logits, layout)})
+        lazy = _lazy_output_class(output_class)
+    lazy_class, names = lazy
     placeholder = torch.empty(0)  # holds the logits' place in the output's key order until built
-    fields = {name: loss if name == "loss" else placeholder if name == "logits" else model_out.get(name)
-              for name in names}
-    out = output_class(**fields)
-    out.__dict__["_autoflash_build_logits"] = build_logits
+    out = lazy_class(**{name: placeholder if name == "logits" else fields.get(name) for name in names})
+    out.__dict__["_autoflash_build_logits"] = lambda: scatter(packed_logits, layout)
     return out
 
 
-def _output_class():
-    """(the causal-LM output class with logits built on first read, its field names): made when a model is
-    patched, since a trace cannot make a class or read a dataclass's fields."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return _lazy_class(CausalLMOutputWithPast), tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast))
+def _lazy_output_class(base):
+    """(the subclass of ``base`` with logits built on first read, ``base``'s field names), made once per class
+    and kept: made when a model is patched for the class its forward declares, since a trace cannot make a
+    class or read a dataclass's fields."""
+    if base not in _LAZY:
+        _LAZY[base] = (_lazy_class(base), tuple(f.name for f in dataclasses.fields(base)))
+    return _LAZY[base]
 
 
 def _build(output) -> None:

@@ -281,8 +281,10 @@ def wrap(original, model_class, family, attention_name, release: Release):
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        if tracing.is_tracing() and (attention_mask is None or release.cache_passed(kwargs) or release.published(self)
-                                     or not tracing.graph_breaks_allowed()):
+        given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back
+        if given is None and tracing.is_tracing() and (attention_mask is None or release.cache_passed(kwargs)
+                                                       or release.published(self)
+                                                       or not tracing.graph_breaks_allowed()):
             # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
             # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
             if attention_mask is not None and not release.cache_passed(kwargs) and runs_autoflash(self, attention_name):
@@ -293,7 +295,6 @@ def wrap(original, model_class, family, attention_name, release: Release):
                                  with_layout(self, input_ids, attention_mask, position_ids, kwargs), release)
             return original(self, input_ids, attention_mask, position_ids, *args,
                             **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
-        given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if given is None:
             if source is not None and attention_mask is not None and runs_autoflash(self, attention_name):

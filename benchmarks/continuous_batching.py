@@ -13,7 +13,12 @@ Two parts, every competitor in this one process, one after another, on the same 
 Competitors: ``autoflash`` (the model as a user loads it with autoflash installed), transformers' own
 ``flash_attention_2`` (needs flash-attn) and ``sdpa`` (autoflash switched off while the model is set).
 
-    python benchmarks/continuous_batching.py [--smoke] [--out DIR]
+    python benchmarks/continuous_batching.py [--smoke] [--out DIR] [--rounds R] [--attention-ceiling]
+
+``--attention-ceiling`` (GPU, flash-attn) adds a third part: transformers' flash_attention_2 served
+as usual, interleaved with the same serving where flash-attn's two entry points (varlen prefill and
+the paged decode kernel) return zeros at once. The time left is everything but attention; their
+ratio bounds what any attention kernel, autoflash's or another, can gain on this workload.
 
 Prints two tables and writes ``OUT/w5.json``. Nothing here is asserted; tests run ``--smoke``.
 """
@@ -21,6 +26,8 @@ Prints two tables and writes ``OUT/w5.json``. Nothing here is asserted; tests ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -124,11 +131,68 @@ def throughputs(model, s, competitors, rounds):
     return rows
 
 
+@contextlib.contextmanager
+def attention_zeroed(zeroed):
+    """While ``zeroed[0]`` is true, transformers' flash-attn entry points return zeros without running.
+
+    Bound once for the whole part (transformers keeps the functions it imported in module globals,
+    and a compiled decode step guards on them), toggled per run by the caller."""
+    from transformers import modeling_flash_attention_utils as fa
+
+    kept = {}
+    for name in ("_flash_varlen_fn", "_flash_with_kvcache_fn"):
+        real = getattr(fa, name)
+        if real is None:
+            continue
+
+        @functools.wraps(real)
+        def maybe_zero(q, *args, _real=real, **kwargs):
+            return q.new_zeros(q.shape) if zeroed[0] else _real(q, *args, **kwargs)
+
+        kept[name] = real
+        setattr(fa, name, maybe_zero)
+    try:
+        yield sorted(kept)
+    finally:
+        for name, real in kept.items():
+            setattr(fa, name, real)
+
+
+def attention_ceiling(model, s, rounds):
+    """Generated tokens/s of flash_attention_2 serving, and of the same with attention's kernels skipped."""
+    inputs = prompts(s["speed"]["requests"], s["speed"]["prompt"], model.config.vocab_size, seed=2)
+    zeroed = [False]
+    runs = {"flash_attention_2": [], "attention skipped": []}
+    tokens = {}
+    with bench.competing_as(model, "flash_attention_2"):
+        batched(model, inputs[:8], 8)  # imports flash-attn into transformers' globals
+    with attention_zeroed(zeroed) as patched:
+        for _ in range(rounds):
+            for name in runs:
+                zeroed[0] = name == "attention skipped"
+                with bench.competing_as(model, "flash_attention_2"):
+                    batched(model, inputs[:8], 8)
+                    bench.sync(s["device"])
+                    start = time.perf_counter()
+                    out = batched(model, inputs, s["speed"]["new"])
+                    bench.sync(s["device"])
+                    runs[name].append(sum(len(t) for t in out) / (time.perf_counter() - start))
+                tokens[name] = out
+        zeroed[0] = False
+    differ = sum(a != b for a, b in zip(tokens["flash_attention_2"], tokens["attention skipped"]))
+    rows = {name: {"tokens_per_s": round(statistics.median(r), 1), "rounds": sorted(round(x, 1) for x in r)}
+            for name, r in runs.items()}
+    return {"rows": rows, "patched": patched, "requests_whose_tokens_changed": differ,
+            "ceiling": round(rows["attention skipped"]["tokens_per_s"] / rows["flash_attention_2"]["tokens_per_s"], 3)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what the tests run)")
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (the median is reported)")
+    parser.add_argument("--attention-ceiling", action="store_true",
+                        help="also time flash_attention_2 serving with attention's kernels skipped (GPU)")
     args = parser.parse_args(argv)
     import autoflash
 
@@ -153,6 +217,8 @@ def main(argv=None) -> int:
         rows[competitor]["throughput"] = row
     result = {"workload": "w5", "environment": bench.environment(w2), "rows": rows,
               "handed_over": autoflash.status()["handed_over"]}
+    if args.attention_ceiling and "flash_attention_2" in running:
+        result["attention_ceiling"] = attention_ceiling(big, s, args.rounds)
     (out / "w5.json").write_text(json.dumps(result, indent=2))
     print(f"W5 continuous batching ({'smoke, CPU' if args.smoke else 'GPU'}): requests identical to generate()")
     for name, row in rows.items():
@@ -169,6 +235,15 @@ def main(argv=None) -> int:
             print(f"  {name:<18} {t['tokens_per_s']:>10,.1f} tok/s  {t['tokens_per_s'] / base['tokens_per_s']:.2f}x"
                   f"   (rounds: {t['rounds']}; {t['tokens']} tokens; attention after: {t['attn_after']})")
     print("handed to transformers:", json.dumps(result["handed_over"]))
+    if "attention_ceiling" in result:
+        c = result["attention_ceiling"]
+        print("W5 attention's share: flash_attention_2 serving, and the same with its attention kernels skipped "
+              f"({', '.join(c['patched'])} return zeros)")
+        for name, row in c["rows"].items():
+            print(f"  {name:<18} {row['tokens_per_s']:>10,.1f} tok/s   (rounds: {row['rounds']})")
+        print(f"  ceiling on any attention kernel's gain: {c['ceiling']:.2f}x "
+              f"(tokens changed in {c['requests_whose_tokens_changed']} of {s['speed']['requests']} requests: "
+              "the skip took effect)")
     return 0
 
 
