@@ -10,17 +10,11 @@ then is wrapt imported and the real post-import hook for the LLaMA module regist
 comparison per import.
 """
 
-import os
 import sys
 
-DISABLE_VARIABLE = "AUTOFLASH_DISABLE"
-_TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("", "0", "false", "no", "off")
+from autoflash.switch import DISABLE_VARIABLE, disabled_by_env
+
 _TRIGGER_MODULE = "transformers"
-
-
-def disabled_by_env() -> bool:
-    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() in _TRUE_WORDS
 
 
 class _ArmOnTransformersImport:

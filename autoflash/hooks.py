@@ -17,8 +17,11 @@ from autoflash.families import BY_MODULE, FAMILIES, served_from
 from autoflash.settings import FAMILIES_VARIABLE, logger, settings
 
 WATCHED_MODULES = tuple(family.module for family in FAMILIES)
-# transformers features that decide by the model's attention name (autoflash.patches.integrations)
-INTEGRATION_MODULES = ("transformers.generation.continuous_batching.continuous_api", "transformers.trainer")
+# transformers modules that are not a family's: where autoflash's attention name is registered, once
+# (autoflash.patches.registration), and features that decide by a model's attention name
+# (autoflash.patches.integrations)
+INTEGRATION_MODULES = ("transformers.masking_utils", "transformers.generation.continuous_batching.continuous_api",
+                       "transformers.trainer")
 
 _lock = threading.RLock()  # re-entrant: a patch may import modules that fire other hooks
 _applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch, in the order applied
@@ -33,9 +36,8 @@ def register_import_hooks() -> None:
             return
         import wrapt
 
-        for name in WATCHED_MODULES:
-            wrapt.register_post_import_hook(on_import, name)
-        for name in INTEGRATION_MODULES:
+        # wrapt calls the hook at once for a module already imported: the attention name before the families
+        for name in INTEGRATION_MODULES + WATCHED_MODULES:
             wrapt.register_post_import_hook(on_import, name)
         _state["hooks_registered"] = True
 
@@ -113,7 +115,7 @@ def enable() -> bool:
             return False
         _state["user_disabled"] = False
         register_import_hooks()
-        for name in WATCHED_MODULES + INTEGRATION_MODULES:
+        for name in INTEGRATION_MODULES + WATCHED_MODULES:  # the attention name before the families
             module = sys.modules.get(name)
             if module is not None:
                 on_import(module)

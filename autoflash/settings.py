@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from autoflash._startup import _TRUE_WORDS, DISABLE_VARIABLE, FALSE_WORDS, disabled_by_env
+from autoflash.switch import DISABLE_VARIABLE, FALSE_WORDS, TRUE_WORDS, disabled_by_env
 from autoflash.families import BY_NAME as FAMILIES_BY_NAME
 
 BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
@@ -71,9 +71,9 @@ def _families() -> tuple:
 @functools.lru_cache(maxsize=1)
 def settings() -> Settings:
     raw = os.environ.get(DISABLE_VARIABLE, "")
-    if raw.strip().lower() not in _TRUE_WORDS + FALSE_WORDS:
+    if raw.strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         logger.warning("%s=%r is not one of %s (disable) or %s (enable); autoflash stays enabled", DISABLE_VARIABLE,
-                       raw, "|".join(_TRUE_WORDS), "|".join(w for w in FALSE_WORDS if w))
+                       raw, "|".join(TRUE_WORDS), "|".join(w for w in FALSE_WORDS if w))
     result = Settings(
         disabled=disabled_by_env(),
         backend=_choice(BACKEND_VARIABLE, BACKEND_CHOICES, "auto"),

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "autoflash"
 
 # run at interpreter start-up or on `import transformers`: the standard library and each other only
-START_UP = ("__init__", "_startup", "families", "settings", "hooks")
+START_UP = ("__init__", "_startup", "switch", "families", "settings", "hooks")
 # the kernels see plain data (a Layout, an AttentionCall) and nothing of transformers or the patches
 BACKEND_MAY_USE = ("autoflash.backends", "autoflash.call", "autoflash.layout", "autoflash.tracing")
 # the runtime path from transformers' call to the kernel: it never reaches back to the patches or hooks
@@ -107,3 +107,30 @@ RELEASE_SPECIFIC = ("past_key_values", "key_cache", "value_cache", "_seen_tokens
 def test_the_runtime_path_names_no_release_specific_argument_or_attribute(module):
     named = sorted(set(_code_words(MODULES[module])) & set(RELEASE_SPECIFIC))
     assert named == [], f"autoflash/{module}.py names {named}: read it in patches/ (unpad_model.Release)"
+
+
+def _autoflash_imports(tree):
+    """The autoflash modules a module imports, at any depth of its code (``from autoflash import a`` names a)."""
+    for name in _imports(tree):
+        if name.startswith("autoflash."):
+            relative = name[len("autoflash."):]
+            if relative in MODULES:
+                yield relative
+
+
+def test_no_import_circle():
+    """Each module can be read knowing only what it imports: no chain of imports, however deep or late
+    (inside a function), leads back to where it started."""
+    graph = {module: set(_autoflash_imports(tree)) - {module} for module, tree in MODULES.items()}
+    circles = []
+
+    def walk(module, path):
+        for reached in sorted(graph[module]):
+            if reached == path[0]:
+                circles.append(" -> ".join(path + [reached]))
+            elif reached not in path and reached > path[0]:  # each circle found once, from its least module
+                walk(reached, path + [reached])
+
+    for start in sorted(graph):
+        walk(start, [start])
+    assert circles == []

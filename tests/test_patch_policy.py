@@ -115,8 +115,12 @@ def test_patch_records_what_it_replaced(llama):
     patch = hooks._applied[llama.__name__]
     config_base = next(c.__name__ for c in llama.LlamaConfig.__mro__ if c.__name__.lower() == "pretrainedconfig")
     assert [where for where, _ in patch.replaced] == [
-        f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']", "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
-        "LlamaModel.forward", "LlamaForCausalLM.forward", "LlamaForCausalLM.generate",
+        "LlamaPreTrainedModel._check_and_adjust_attn_implementation",
+        "LlamaModel.forward", "LlamaForCausalLM.forward", "LlamaForCausalLM.generate"]
+    # what every family shares is registered once, by the hook on transformers.masking_utils
+    shared = hooks._applied["transformers.masking_utils"]
+    assert [where for where, _ in shared.replaced] == [
+        f"['{ATTENTION_NAME}']", f"['{ATTENTION_NAME}']",
         f"{config_base}.__getstate__", f"{config_base}.__copy__", f"{config_base}.__deepcopy__"]
 
 

@@ -1,7 +1,7 @@
 """transformers with AttentionInterface (4.48+, 5.x): register, don't replace.
 
-The patch registers autoflash's attention function and mask function under
-``ATTENTION_NAME`` and teaches LLaMA models to choose it: a model that asked for no
+autoflash's attention function and mask function are registered under ``ATTENTION_NAME``
+once per process (``patches/registration.py``); a family's patch teaches its models to choose it: a model that asked for no
 implementation, for ``sdpa`` or for ``flash_attention_2`` gets autoflash; ``eager``
 and every other explicit choice are honoured. ``flash_attention_2`` thereby works where
 the flash-attn package is not installed (transformers itself raises ImportError there).
@@ -20,11 +20,11 @@ What it relies on in transformers:
 
 from __future__ import annotations
 
-import copy
 from typing import List
 
 from autoflash import handover
-from autoflash.attention import ATTENTION_NAME, attention_forward, mask_function
+from autoflash.attention import ATTENTION_NAME
+from autoflash.patches import registration
 from autoflash.patches.base import Patch
 from autoflash.patches.whole_model import remove_padding_for_whole_model
 
@@ -59,13 +59,11 @@ def missing(module, family) -> List[str]:
 
 
 def apply(module, family) -> Patch:
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
+    if not registration.registered():
+        raise RuntimeError(f"{ATTENTION_NAME} is not registered in transformers' attention registries "
+                           f"({registration.MODULE}'s import hook did not run)")
     patch = Patch(module.__name__, ERA)
     try:
-        patch.set_item(AttentionInterface._global_mapping, ATTENTION_NAME, attention_forward)
-        patch.set_item(AttentionMaskInterface._global_mapping, ATTENTION_NAME, mask_function)
         base = family.cls(module, "PreTrainedModel")
         original = base._check_and_adjust_attn_implementation
 
@@ -79,41 +77,7 @@ def apply(module, family) -> Patch:
         _check_and_adjust_attn_implementation.__wrapped__ = original
         patch.set_attribute(base, "_check_and_adjust_attn_implementation", _check_and_adjust_attn_implementation)
         remove_padding_for_whole_model(patch, module, family, ATTENTION_NAME)
-        _keep_pickles_portable(patch, family.cls(module, "Config"))
     except BaseException:
         patch.undo()
         raise
     return patch
-
-
-def _keep_pickles_portable(patch: Patch, config_class) -> None:
-    """A config pickled here (``torch.save(model)``, a process pool) names transformers' own ``sdpa``, not
-    ``autoattn``: the process that loads it may not run autoflash, and there ``autoattn`` is a KeyError
-    on the first forward. Copies made in this process (``copy.copy``, ``copy.deepcopy``, which transformers
-    makes of configs) keep the name."""
-    if config_class is None:
-        return
-    base = next((c for c in type.mro(config_class) if c.__name__ in ("PreTrainedConfig", "PretrainedConfig")),
-                None)
-    if base is None or any(name in base.__dict__ for name in ("__getstate__", "__copy__", "__deepcopy__")):
-        return  # a release that pickles or copies configs its own way: left alone
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if state.get("_attn_implementation_internal") == ATTENTION_NAME:
-            state["_attn_implementation_internal"] = "sdpa"
-        return state
-
-    def __copy__(self):
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
-
-    def __deepcopy__(self, memo):
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
-
-    for function in (__getstate__, __copy__, __deepcopy__):
-        patch.set_attribute(base, function.__name__, function)
