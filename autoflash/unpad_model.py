@@ -244,6 +244,8 @@ class Release:
     cache_names: Tuple[str, ...]
     # (cache, layout) -> the cache filled on the packed row, laid out as the padded batch's
     repad_cache: Callable
+    # (cache, attention_mask) -> the cache the padded batch's forward built, with zeros at padded positions
+    zero_padded_cache: Callable
     # (module, logits, shift_labels, extra) -> the causal-LM loss over already shifted labels, where
     # extra holds what the caller passed beyond the causal LM's named arguments (num_items_in_batch, ...)
     loss: Callable
@@ -339,13 +341,15 @@ def empty_batch(original, module, input_ids, attention_mask, position_ids, args,
 
 def per_layer(original, module, input_ids, attention_mask, position_ids, args, kwargs, release: Release):
     """transformers' forward on the padded batch (padding removed inside attention only), its padded
-    positions zeroed as on the whole-model path."""
+    positions zeroed as on the whole-model path: hidden states and the cache it built."""
     if (args or release.cache_passed(kwargs) or not isinstance(attention_mask, torch.Tensor)
             or attention_mask.dim() != 2):
         return original(module, input_ids, attention_mask, position_ids, *args, **kwargs)
     tuple_wanted = wants_tuple(module, kwargs)
     out = zero_padded_positions(original(module, input_ids, attention_mask, position_ids,
                                          **{**kwargs, "return_dict": True}), attention_mask)
+    for name in [k for k in release.cache_names if out.get(k) is not None]:  # a cache it built, none passed in
+        out[name] = release.zero_padded_cache(out[name], attention_mask)
     return out.to_tuple() if tuple_wanted else out
 
 

@@ -296,6 +296,39 @@ def test_torch_export_with_dynamic_batch_and_length_runs_other_shapes():
             assert (out[~mask.bool()] == 0).all(), (b, n)
 
 
+def _cache_tensors(cache):
+    """Every layer's (keys, values), whatever the release's cache class."""
+    if getattr(cache, "layers", None) is not None:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if isinstance(getattr(cache, "key_cache", None), list):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [tuple(layer) for layer in cache]
+
+
+def test_the_cache_a_traced_padded_forward_builds_holds_zeros_at_padded_positions_as_untraced():
+    """The same padded prompt, untraced (padding removed for the whole model) and compiled whole (padding kept,
+    attention masks it; as torch.export traces it): one cache, eager's at real positions and zeros at padded
+    ones, on both paths."""
+    fast, eager = model_pair(seed=15, use_cache=True)
+    fast.eval(), eager.eval()
+    _, mask = _padded(3, 14, seed=1)
+    ids = torch.randint(3, 97, mask.shape, generator=torch.Generator().manual_seed(15))  # tokens under the padding too
+    real = mask.bool()[:, None, :, None]
+    with torch.no_grad():
+        compiled = torch.compile(fast.forward, fullgraph=True, backend="eager")
+        traced = _cache_tensors(compiled(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values)
+        untraced = _cache_tensors(fast(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values)
+        reference = _cache_tensors(eager(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values)
+    assert len(traced) == len(untraced) == len(reference) == fast.config.num_hidden_layers
+    for layer, (ours, theirs, eagers) in enumerate(zip(traced, untraced, reference)):
+        for name, t, u, e in zip(("keys", "values"), ours, theirs, eagers):
+            assert t.shape == u.shape == e.shape, (layer, name)
+            assert (t.masked_select(~real) == 0).all() and (u.masked_select(~real) == 0).all(), (layer, name)
+            assert torch.allclose(t, u, rtol=FLOAT32_RTOL, atol=1e-6), (layer, name)
+            assert torch.allclose(t.masked_select(real), e.masked_select(real), rtol=FLOAT32_RTOL, atol=1e-6), \
+                (layer, name)
+
+
 def _executorch_or_skip(*names):
     integration = pytest.importorskip("transformers.integrations.executorch")
     if not all(hasattr(integration, name) for name in names):

@@ -26,7 +26,7 @@ def remove_padding_for_whole_model(patch: Patch, module, family, attention_name:
     """``how``: what the era's model code passes to attention (``unpad_model.Release``'s first fields)."""
     model = family.cls(module, "Model")
     release = unpad_model.Release(cache_names=cache_names(model.forward), repad_cache=repad_cache,
-                                  loss=causal_lm_loss, **how)
+                                  zero_padded_cache=zero_padded_cache, loss=causal_lm_loss, **how)
     patch.set_attribute(model, "forward", unpad_model.wrap(model.forward, model, family, attention_name, release))
     lm = family.cls(module, "ForCausalLM")
     if lm is None:
@@ -51,20 +51,49 @@ def repad_cache(cache, layout: Layout):
     def repad(t):  # (1, kv_heads, real tokens, dim) -> (batch, kv_heads, length, dim)
         return scatter(t.transpose(1, 2), layout).transpose(1, 2)
 
+    repadded = _map_cache(cache, repad)
+    if repadded is None:
+        raise TypeError(f"autoflash: cannot lay out a {type(cache).__name__} built on a packed row in the padded "
+                        f"form; set {UNPAD_MODEL_VARIABLE}=0 and please report this")
+    if getattr(repadded, "layers", None) is None and hasattr(repadded, "_seen_tokens"):
+        # transformers 4.36-4.4x count tokens seen separately
+        repadded._seen_tokens = layout.q_len
+    return repadded
+
+
+def zero_padded_cache(cache, attention_mask):
+    """A KV cache built by the padded batch's forward (the per-layer path), with zeros at its padded
+    positions, as ``repad_cache`` leaves them on the whole-model path: one answer on every path.
+
+    Only what spans the mask's positions is touched (a sliding-window layer that keeps fewer is left as
+    built); a cache of a kind not known here is returned as it is (its padded positions are never read).
+    """
+    batch, length = attention_mask.shape
+    padding = ~attention_mask.to(dtype=torch.bool)[:, None, :, None]
+
+    def zero(t):  # (batch, kv_heads, length, dim)
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != length:
+            return t
+        return t.masked_fill(padding.to(t.device), 0)
+
+    zeroed = _map_cache(cache, zero)
+    return cache if zeroed is None else zeroed
+
+
+def _map_cache(cache, function):
+    """``function`` applied to every key and value tensor of a cache, in place where the cache is an
+    object; None for a kind of cache not known here."""
     if isinstance(cache, tuple):
-        return tuple(tuple(repad(t) for t in layer) for layer in cache)
+        return tuple(tuple(function(t) for t in layer) for layer in cache)
     if getattr(cache, "layers", None) is not None:
         for layer in cache.layers:
-            layer.keys, layer.values = repad(layer.keys), repad(layer.values)
+            layer.keys, layer.values = function(layer.keys), function(layer.values)
         return cache
     if isinstance(getattr(cache, "key_cache", None), list):
-        cache.key_cache[:] = [repad(t) for t in cache.key_cache]
-        cache.value_cache[:] = [repad(t) for t in cache.value_cache]
-        if hasattr(cache, "_seen_tokens"):  # transformers 4.36-4.4x count tokens seen separately
-            cache._seen_tokens = layout.q_len
+        cache.key_cache[:] = [function(t) for t in cache.key_cache]
+        cache.value_cache[:] = [function(t) for t in cache.value_cache]
         return cache
-    raise TypeError(f"autoflash: cannot lay out a {type(cache).__name__} built on a packed row in the padded "
-                    f"form; set {UNPAD_MODEL_VARIABLE}=0 and please report this")
+    return None
 
 
 def causal_lm_loss(module, logits, shift_labels, extra):
