@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -137,10 +138,13 @@ def pick(call: AttentionCall, device) -> str:
     if not tracing.is_tracing():
         return choose(call).backend
     index = device.index if device.type == "cuda" else None
-    return _choose_at_trace_time(call.kind, call.device_type, index, call.dtype, call.head_dim, call.num_heads,
-                                 call.num_kv_heads, _constant_length(call.q_len), _constant_length(call.kv_len),
-                                 call.dropout, call.causal, call.needs_grad, call.left_padded_cache,
-                                 call.cache_keys_contiguous, call.window, call.deterministic)
+    # the record's fields as constants (assume_constant_result converts its arguments to Python values)
+    return _choose_at_trace_time(tuple(_constant_length(getattr(call, name)) if name in _LENGTHS
+                                       else getattr(call, name) for name in _FIELDS), index)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionCall))
+_LENGTHS = ("q_len", "kv_len")
 
 
 def _constant_length(length):
@@ -151,32 +155,36 @@ def _constant_length(length):
 
 
 @torch.compiler.assume_constant_result
-def _choose_at_trace_time(kind, device_type, device_index, dtype, head_dim, num_heads, num_kv_heads, q_len, kv_len,
-                          dropout, causal, needs_grad, left_padded_cache, cache_keys_contiguous, window,
-                          deterministic) -> str:
-    capability = device_capability(device_index) if device_type == "cuda" else None
-    call = AttentionCall(kind=kind, device_type=device_type, capability=capability, dtype=dtype, head_dim=head_dim,
-                         num_heads=num_heads, num_kv_heads=num_kv_heads, q_len=q_len, kv_len=kv_len, dropout=dropout,
-                         causal=causal, needs_grad=needs_grad, left_padded_cache=left_padded_cache,
-                         cache_keys_contiguous=cache_keys_contiguous, window=window, traced=True,
-                         deterministic=deterministic)
+def _choose_at_trace_time(values: tuple, device_index) -> str:
+    fields = dict(zip(_FIELDS, values))
+    capability = device_capability(device_index) if fields["device_type"] == "cuda" else None
+    call = AttentionCall(**{**fields, "capability": capability, "traced": True})
     name = choose(call).backend
-    tracing.note(f"traced {kind}", f"{call.describe()} -> {name}")
+    tracing.note(f"traced {call.kind}", f"{call.describe()} -> {name}")
     return name
+
+
+def _walk(call: AttentionCall, names: Tuple[str, ...], excluded) -> Tuple[Tuple[str, Tuple[str, ...]], ...]:
+    """The priority walk, the one place it is written: each backend in order with its reasons against the
+    call (none: it can serve). The first with none serves; eager calls, traced calls and doctor read this."""
+    return tuple((name, _reasons(backends.BY_NAME[name], call, excluded)) for name in names)
+
+
+def _served_by(walked) -> Tuple[str, tuple]:
+    """(the first backend with no reason against the call or "", the refusals before it)."""
+    for index, (name, reasons) in enumerate(walked):
+        if not reasons:
+            return name, walked[:index]
+    return "", walked
 
 
 @functools.lru_cache(maxsize=4096)
 def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, excluded=()) -> Decision:
-    refused = []
-    for name in names:
-        reasons = _reasons(backends.BY_NAME[name], call, excluded)
-        if not reasons:
-            decision = Decision(name, tuple(refused))
-            _log_fallback(call, decision)
-            _warn_if_determinism_is_not_kept(call, decision)
-            return decision
-        refused.append((name, reasons))
-    decision = Decision("", tuple(refused))
+    decision = Decision(*_served_by(_walk(call, names, excluded)))
+    if decision.backend:
+        _log_fallback(call, decision)
+        _warn_if_determinism_is_not_kept(call, decision)
+        return decision
     if is_forced:
         raise BackendUnavailable(f"autoflash backend {names[0]!r} was forced (AUTOFLASH_BACKEND) but cannot serve "
                                  f"this call ({call.describe()}): {decision.why()}. Install what is missing, or "
@@ -239,14 +247,10 @@ def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
 def describe_choice(call: AttentionCall) -> Dict[str, object]:
     """For doctor: the decision for a hypothetical call, without raising or warning."""
     order, _ = _candidates()
-    refused, chosen = [], None
-    for backend in order:
-        reasons = _reasons(backend, call, _excluded())
-        if not reasons and chosen is None:
-            chosen = backend.name
-        elif reasons:
-            refused.append({"backend": backend.name, "reasons": list(reasons)})
-    return {"call": call.describe(), "backend": chosen, "refused": refused}
+    walked = _walk(call, tuple(b.name for b in order), _excluded())
+    chosen, _ = _served_by(walked)
+    return {"call": call.describe(), "backend": chosen or None,
+            "refused": [{"backend": name, "reasons": list(reasons)} for name, reasons in walked if reasons]}
 
 
 def clear_cache() -> None:

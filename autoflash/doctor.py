@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from autoflash import _startup
+from autoflash.backend_names import AUTO_ORDER
 from autoflash.settings import (BACKEND_VARIABLE, DISABLE_VARIABLE, EXCLUDE_VARIABLE, FAMILIES_VARIABLE, LOG_VARIABLE,
                                 UNPAD_MODEL_VARIABLE, settings)
 
@@ -130,7 +131,7 @@ def status() -> dict:
     }
     if torch_problem:
         result["backends"] = [{"name": n, "available": False, "reasons": [torch_problem]}
-                              for n in ("flash_attn_4", "flash_attn", "torch", "sdpa")]
+                              for n in AUTO_ORDER]
         result["bottom_line"] = bottom_line(result)
         return result
     from autoflash import backends, dispatch, handover, tracing, unpad_model

@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from autoflash.backend_names import AUTO_ORDER, FLASH_KERNELS
 from autoflash.switch import DISABLE_VARIABLE, FALSE_WORDS, TRUE_WORDS, disabled_by_env
 from autoflash.families import BY_NAME as FAMILIES_BY_NAME
 
@@ -16,9 +17,9 @@ BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
 UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
 EXCLUDE_VARIABLE = "AUTOFLASH_EXCLUDE"
-EXCLUDE_CHOICES = ("flash_attn_4", "flash_attn", "torch")
+EXCLUDE_CHOICES = FLASH_KERNELS
 FAMILIES_VARIABLE = "AUTOFLASH_FAMILIES"
-BACKEND_CHOICES = ("auto", "flash_attn_4", "flash_attn", "torch", "sdpa")
+BACKEND_CHOICES = ("auto",) + AUTO_ORDER
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 logger = logging.getLogger("autoflash")

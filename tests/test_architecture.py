@@ -12,9 +12,10 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "autoflash"
 
 # run at interpreter start-up or on `import transformers`: the standard library and each other only
-START_UP = ("__init__", "_startup", "switch", "families", "settings", "hooks")
+START_UP = ("__init__", "_startup", "switch", "backend_names", "families", "settings", "hooks")
 # the kernels see plain data (a Layout, an AttentionCall) and nothing of transformers or the patches
-BACKEND_MAY_USE = ("autoflash.backends", "autoflash.call", "autoflash.layout", "autoflash.tracing")
+BACKEND_MAY_USE = ("autoflash.backends", "autoflash.backend_names", "autoflash.call", "autoflash.layout",
+                   "autoflash.tracing")
 # the runtime path from transformers' call to the kernel: it never reaches back to the patches or hooks
 RUNTIME = ("attention", "unpad_model", "packed_loss", "layout", "call", "dispatch", "tracing")
 

@@ -1,48 +1,11 @@
-"""Checks and tensor helpers that more than one backend needs."""
+"""Tensor helpers that more than one backend needs (what they serve is in ``capability``)."""
 
 from __future__ import annotations
-
-from typing import List
 
 import torch
 
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def flash_hardware_reasons(call: AttentionCall, max_head_dim: int = 256) -> List[str]:
-    """What every flash kernel (flash-attn's and torch's own) requires of the device and the data."""
-    reasons = []
-    if call.device_type != "cuda":
-        reasons.append(f"device={call.device_type} (supported: cuda)")
-    elif call.capability is not None and call.capability < (8, 0):
-        reasons.append(f"compute capability {call.capability[0]}.{call.capability[1]} (needs >= 8.0)")
-    if call.dtype not in HALF_DTYPES:
-        reasons.append(f"dtype={str(call.dtype).replace('torch.', '')} (supported: float16, bfloat16; "
-                       "float32 models run flash under torch.autocast)")
-    if call.head_dim > max_head_dim or call.head_dim % 8:
-        reasons.append(f"head_dim={call.head_dim} (supported: multiple of 8, <= {max_head_dim})")
-    if call.num_heads % call.num_kv_heads:
-        reasons.append(f"heads={call.num_heads}/{call.num_kv_heads} (supported: query heads a multiple of kv heads)")
-    return reasons
-
-
-def window_reason(call: AttentionCall) -> List[str]:
-    """The flash kernels here are not yet run with a sliding window (it would need a GPU measurement
-    against eager first): a windowed call goes to a backend that applies the window through its mask."""
-    if call.window is not None:
-        return [f"sliding_window={call.window} (supported: none yet; served exactly by sdpa's mask)"]
-    return []
-
-
-def traced_padding_reason(call: AttentionCall) -> List[str]:
-    """Kernels that need the real tokens counted on the host cannot serve a traced padded call."""
-    if call.kind == "masked":
-        return ["padded or packed batch in a traced call (torch.compile/torch.export: unpadding needs a host sync; "
-                "served with a mask)"]
-    return []
 
 
 def decode_key_mask(layout: Layout, dtype: torch.dtype) -> torch.Tensor | None:

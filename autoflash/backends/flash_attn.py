@@ -19,6 +19,7 @@ it through a custom op of autoflash's own (``autoflash::flash_attn_with_kvcache`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import List, Optional
@@ -26,7 +27,7 @@ from typing import List, Optional
 import torch
 
 from autoflash import tracing
-from autoflash.backends._common import flash_hardware_reasons, traced_padding_reason, window_reason
+from autoflash.backends.capability import FLASH, PackageBackend
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad
 
@@ -52,8 +53,13 @@ def _register_kvcache_op(with_kvcache):
     return kvcache
 
 
-class _FlashAttn:
+class _FlashAttn(PackageBackend):
     name = "flash_attn"
+    supports = dataclasses.replace(
+        FLASH, dropout_kinds=("dense", "varlen", "masked"), cache_with_grad=False, cache_key_holes="none",
+        why={**FLASH.why, "cache_with_grad": "flash_attn_with_kvcache has no backward",
+             "cache_key_holes": "supported: left padding only; checked only where it costs no extra host sync: "
+                                "prefill, not decode steps"})
     functions = None  # (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache) once imported
     traced_kvcache = None
 
@@ -85,10 +91,6 @@ class _FlashAttn:
         except Exception:  # noqa: BLE001
             return None
 
-    def unavailable_reasons(self) -> List[str]:
-        _, reason = self._module()
-        return [reason] if reason else []
-
     @functools.cached_property
     def _has_cache_leftpad(self) -> bool:
         fns, _ = self._module()
@@ -99,28 +101,18 @@ class _FlashAttn:
         fns, _ = self._module()
         return fns is not None and "deterministic" in inspect.signature(fns[1]).parameters
 
-    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        reasons = self.unavailable_reasons()
-        if reasons:
-            return reasons
-        reasons = flash_hardware_reasons(call) + traced_padding_reason(call) + window_reason(call)
+    def own_reasons(self, call: AttentionCall) -> List[str]:
+        """What the installed release lacks, read from its functions' signatures."""
+        reasons = []
         if call.deterministic and not self._has_deterministic:
             reasons.append(f"deterministic backward asked for ({call.deterministic}), which flash-attn "
                            f"{self.version()} lacks (needs >= 2.4.1)")
-        if call.kind == "cache":
-            if call.needs_grad:
-                reasons.append("kv-cache call with gradients (flash_attn_with_kvcache has no backward)")
-            if call.dropout:
-                reasons.append(f"dropout={call.dropout} with a kv cache (supported: 0)")
-            if not call.cache_keys_contiguous:
-                reasons.append("kv cache with a padding mask not known to be left padding only "
-                               "(checked only where it costs no extra host sync: prefill, not decode steps)")
-            if call.left_padded_cache and not self._has_cache_leftpad:
-                reasons.append(f"left-padded cache with flash-attn {self.version()} (needs >= 2.6 for cache_leftpad)")
+        if call.kind == "cache" and call.left_padded_cache and not self._has_cache_leftpad:
+            reasons.append(f"left-padded cache with flash-attn {self.version()} (needs >= 2.6 for cache_leftpad)")
         return reasons
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
-        dense, varlen, with_kvcache = self.functions  # set by the reasons_not_supported that chose this backend
+        dense, varlen, with_kvcache = self.entry_points()
         # (asked for only where wanted: releases before 2.4.1 have no such argument)
         deterministic = {"deterministic": True} if call.deterministic else {}
         if layout.kind == "dense":

@@ -40,7 +40,7 @@ from typing import Dict, List
 
 import torch
 
-from autoflash.backends._common import HALF_DTYPES, window_reason
+from autoflash.backends.capability import HALF_DTYPES, PackageBackend, Supports
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -90,8 +90,18 @@ class _Clock:
             self.started = None
 
 
-class _FlashAttn4:
+class _FlashAttn4(PackageBackend):
     name = "flash_attn_4"
+    supports = Supports(
+        devices=("cuda",), architectures=ARCHITECTURES, dtypes=HALF_DTYPES, head_dims_by_major=HEAD_DIMS,
+        dropout_kinds=(), window=False, traced=False, deterministic=False, decode_step=False, cache_with_grad=False,
+        cache_key_holes="none",
+        why={"capability": "supported: 9.x Hopper, 10.x/11.x Blackwell",
+             "traced": "torch.compile/torch.export: its kernels are not torch.library ops; served by a kernel that "
+                       "traces",
+             # it has a deterministic backward, but autoflash has not yet measured it on a GPU
+             "deterministic": "FlashAttention-4's is not yet verified by autoflash",
+             "decode_step": "no kv-cache kernel: 50 us a step against flash-attn 2's 29 us"})
     functions = None  # (flash_attn_func, flash_attn_varlen_func) once imported
 
     def __init__(self):
@@ -133,6 +143,8 @@ class _FlashAttn4:
         return self.functions, None
 
     def unavailable_reasons(self) -> List[str]:
+        if self.version() is None:  # (read from the installed distributions: nothing imported)
+            return [f"flash-attn-4 is not installed ({INSTALL})"]
         _, reason = self._module()
         return [reason] if reason else []
 
@@ -150,55 +162,10 @@ class _FlashAttn4:
             return f"off ({CACHE_SWITCH}={os.environ.get(CACHE_SWITCH, '')!r}, your setting)"
         return f"on: {cache_utils.get_cache_path()}"
 
-    # -- what it serves --------------------------------------------------------------------------
-
-    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        """What the call asks that the kernels lack comes first; only a call they would serve hears that the
-        package is missing (a float32 or CPU call's fallback says why in its own terms), and only such a call
-        imports it."""
-        reasons = []
-        if call.device_type != "cuda":
-            reasons.append(f"device={call.device_type} (supported: cuda)")
-        elif call.capability is not None and call.capability[0] not in ARCHITECTURES:
-            reasons.append(f"compute capability {call.capability[0]}.{call.capability[1]} "
-                           "(supported: 9.x Hopper, 10.x/11.x Blackwell)")
-        if call.dtype not in HALF_DTYPES:
-            reasons.append(f"dtype={str(call.dtype).replace('torch.', '')} (supported: float16, bfloat16)")
-        major = call.capability[0] if call.capability is not None else 9
-        dims = HEAD_DIMS.get(major, HEAD_DIMS[9])
-        if call.head_dim not in dims:
-            reasons.append(f"head_dim={call.head_dim} (supported on compute capability {major}.x: "
-                           f"{', '.join(map(str, dims))})")
-        if call.num_heads % call.num_kv_heads:
-            reasons.append(f"heads={call.num_heads}/{call.num_kv_heads} "
-                           "(supported: query heads a multiple of kv heads)")
-        if call.traced:
-            reasons.append("traced call (torch.compile/torch.export: its kernels are not torch.library ops; "
-                           "served by a kernel that traces)")
-        if call.dropout:
-            reasons.append(f"dropout={call.dropout} (supported: 0)")
-        if call.deterministic:
-            # it has a deterministic backward, but autoflash has not yet measured it on a GPU
-            reasons.append(f"deterministic backward asked for ({call.deterministic}): FlashAttention-4's is not "
-                           "yet verified by autoflash")
-        reasons += window_reason(call)
-        if call.kind == "cache":
-            if call.q_len == 1:
-                reasons.append("one-token decode step (no kv-cache kernel: 50 us a step against flash-attn 2's 29 us)")
-            if call.needs_grad:
-                reasons.append("kv-cache call with gradients (supported: inference)")
-            if not call.cache_keys_contiguous:
-                reasons.append("cached key mask with holes (supported: left padding only)")
-        if reasons:
-            return reasons
-        if self.version() is None:  # (read from the installed distributions: nothing imported)
-            return [f"flash-attn-4 is not installed ({INSTALL})"]
-        return self.unavailable_reasons()
-
     # -- running ---------------------------------------------------------------------------------
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
-        dense, varlen = self.functions  # set by the reasons_not_supported that chose this backend
+        dense, varlen = self.entry_points()
         if layout.kind == "dense":
             args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             return self._timed(call, "dense", args, lambda q_, k_, v_: dense(

@@ -8,12 +8,11 @@ the same attention as transformers' eager implementation.
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 
 from autoflash.backends._common import repeat_kv
+from autoflash.backends.capability import Backend, Supports
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -48,19 +47,10 @@ def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, causal: 
     return out
 
 
-class _Reference:
+class _Reference(Backend):
     name = "reference"
-
-    def unavailable_reasons(self) -> List[str]:
-        return []
-
-    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        reasons = [f"dropout={call.dropout} (supported: 0)"] if call.dropout else []
-        if call.kind == "masked":
-            reasons.append("traced call (computes one sequence at a time on the host)")
-        if not call.cache_keys_contiguous and call.q_len > 1:
-            reasons.append("cached key mask with holes and q_len > 1 (supported: left padding only)")
-        return reasons
+    supports = Supports(dropout_kinds=(), traced_padding=False, cache_key_holes="decode",
+                        why={"traced_padding": "computes one sequence at a time on the host"})
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
         b = layout.batch

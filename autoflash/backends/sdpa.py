@@ -18,27 +18,20 @@ its math kernel).
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 
 from autoflash.backends._common import (decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output,
                                         zero_padded_queries)
+from autoflash.backends.capability import Backend
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, allowed_keys, pad, unpad
 
 _HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-class _Sdpa:
-    name = "sdpa"
-
-    def unavailable_reasons(self) -> List[str]:
-        return []
-
-    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        return []
+class _Sdpa(Backend):
+    name = "sdpa"  # serves every call (its record is the default: everything)
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
         if layout.kind == "dense" and call.window is None:

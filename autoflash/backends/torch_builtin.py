@@ -21,6 +21,7 @@ an H100), which every new batch length or decode step would pay.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import List
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from autoflash import tracing
-from autoflash.backends._common import (decode_key_mask, flash_hardware_reasons, fold_gqa_queries, repeat_kv,
-                                        traced_padding_reason, unfold_gqa_output, window_reason)
+from autoflash.backends._common import decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output
+from autoflash.backends.capability import FLASH, Backend
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -85,8 +86,10 @@ def only_kernels(*kernels: str):
     return _OnlyKernels(tuple(name in kernels for name in _ACCESSORS[1]))
 
 
-class _TorchBuiltin:
+class _TorchBuiltin(Backend):
     name = "torch"
+    supports = dataclasses.replace(FLASH, dropout_kinds=("dense", "cache", "masked"), cache_with_grad=False,
+                                   cache_key_holes="decode", why={**FLASH.why, "dropout": "varlen_attn has no dropout"})
 
     @functools.cached_property
     def _varlen(self):
@@ -109,24 +112,16 @@ class _TorchBuiltin:
             return [f"torch=={torch.__version__} has no torch.nn.attention.sdpa_kernel (needs >= 2.3)"]
         return []
 
-    def reasons_not_supported(self, call: AttentionCall) -> List[str]:
-        reasons = (self.unavailable_reasons() + flash_hardware_reasons(call) + traced_padding_reason(call)
-                   + window_reason(call))
+    def own_reasons(self, call: AttentionCall) -> List[str]:
+        """What the installed torch lacks: its varlen kernel (2.9 on), which padded batches and prefills need."""
+        if self._varlen is not None:
+            return []
         if call.kind == "varlen":
-            if self._varlen is None:
-                reasons.append(f"padded or packed batch with torch=={torch.__version__} "
-                               "(torch.nn.attention.varlen needs >= 2.9)")
-            if call.dropout:
-                reasons.append(f"dropout={call.dropout} on a padded or packed batch (varlen_attn has no dropout)")
-        if call.kind == "cache":
-            if call.q_len > 1 and self._varlen is None:
-                reasons.append(f"q_len={call.q_len} against a kv cache with torch=={torch.__version__} "
-                               "(needs torch.nn.attention.varlen, >= 2.9)")
-            if call.q_len > 1 and not call.cache_keys_contiguous:
-                reasons.append("cached key mask with holes and q_len > 1 (supported: left padding only)")
-            if call.needs_grad:
-                reasons.append("kv-cache call with gradients (supported: inference)")
-        return reasons
+            return [f"padded or packed batch with torch=={torch.__version__} (torch.nn.attention.varlen needs >= 2.9)"]
+        if call.kind == "cache" and call.q_len > 1:
+            return [f"q_len={call.q_len} against a kv cache with torch=={torch.__version__} "
+                    "(needs torch.nn.attention.varlen, >= 2.9)"]
+        return []
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
         if layout.kind == "dense":
