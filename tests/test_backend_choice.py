@@ -198,3 +198,53 @@ def test_a_model_run_under_sdpa_kernel_math_takes_a_double_backward_as_eager():
     assert dispatch.last_decisions["varlen"].backend == "sdpa"
     assert relative_error(penalties[0][0], penalties[1][0]) < 1e-5
     assert relative_error(penalties[0][1], penalties[1][1]) < 1e-4
+
+
+# -- what a backend serves is data -----------------------------------------------------------------
+
+FEATURES = [  # (the record's field, its value that refuses, a call that asks for it, how the reason begins)
+    ("devices", ("cuda",), dict(device_type="cpu", capability=None), "device=cpu"),
+    ("min_capability", (9, 0), dict(capability=(8, 6)), "compute capability 8.6 (needs >= 9.0)"),
+    ("dtypes", (torch.float16,), dict(dtype=torch.bfloat16), "dtype=bfloat16 (supported: float16)"),
+    ("head_dim_most", 96, dict(head_dim=128), "head_dim=128 (supported: <= 96)"),
+    ("dropout_kinds", ("dense",), dict(dropout=0.1), "dropout=0.1 on a padded or packed batch"),
+    ("window", False, dict(window=64), "sliding_window=64"),
+    ("traced_padding", False, dict(kind="masked", traced=True), "padded or packed batch in a traced call"),
+    ("decode_step", False, dict(kind="cache", q_len=1, needs_grad=False), "one-token decode step"),
+    ("cache_with_grad", False, dict(kind="cache", q_len=4), "kv-cache call with gradients"),
+    ("cache_key_holes", "none", dict(kind="cache", q_len=1, needs_grad=False, cache_keys_contiguous=False),
+     "cached key mask with holes"),
+    ("deterministic", False, dict(deterministic="torch.use_deterministic_algorithms"), "deterministic backward"),
+    ("traced", False, dict(traced=True), "traced call"),
+]
+
+
+@pytest.mark.parametrize("field, refusing, asks, reason", FEATURES, ids=[f[0] for f in FEATURES])
+def test_a_record_that_lacks_a_feature_refuses_the_calls_that_ask_for_it_and_says_which(field, refusing, asks, reason):
+    from autoflash.backends.capability import Supports, reasons
+
+    why = {"decode_step": "no such kernel", "deterministic": "not measured", "traced": "not a torch.library op"}
+    lacking = Supports(**{field: refusing}, why=why)
+    assert [r for r in reasons(lacking, _call(**asks)) if r.startswith(reason)] != [], reasons(lacking, _call(**asks))
+    served = {"dtypes": dict(dtype=torch.float16), "head_dim_most": dict(head_dim=64)}.get(field, {})
+    assert reasons(lacking, _call(**served)) == []  # a call that does not ask for it is served
+    assert reasons(Supports(), _call(**asks)) == []  # and the default record serves everything
+
+
+def test_every_backend_declares_its_record_and_asks_availability_apart():
+    from autoflash.backends.capability import Backend, Supports
+
+    for backend in backends.BY_NAME.values():
+        assert isinstance(backend, Backend) and isinstance(backend.supports, Supports), backend.name
+    assert [b.name for b in backends.AUTO_ORDER] == ["flash_attn_4", "flash_attn", "torch", "sdpa"]
+    assert backends.SDPA.reasons_not_supported(_call(device_type="cpu", capability=None, dtype=torch.float64,
+                                                     head_dim=7, window=3, kind="masked", traced=True)) == []
+
+
+def test_a_call_the_record_refuses_never_asks_whether_the_package_is_installed(monkeypatch):
+    def must_not_ask():
+        raise AssertionError("asked for availability on a call the record refuses")
+
+    monkeypatch.setattr(backends.FLASH_ATTN, "unavailable_reasons", must_not_ask)
+    assert backends.FLASH_ATTN.reasons_not_supported(_call(device_type="cpu", capability=None)) == [
+        "device=cpu (supported: cuda)"]

@@ -101,8 +101,9 @@ def _head_dim_reasons(supports: Supports, call: AttentionCall) -> List[str]:
         return []
     too_big = supports.head_dim_most is not None and call.head_dim > supports.head_dim_most
     if too_big or call.head_dim % supports.head_dim_multiple:
-        return [f"head_dim={call.head_dim} (supported: multiple of {supports.head_dim_multiple}, "
-                f"<= {supports.head_dim_most})"]
+        bounds = ([f"multiple of {supports.head_dim_multiple}"] if supports.head_dim_multiple > 1 else []) + (
+            [f"<= {supports.head_dim_most}"] if supports.head_dim_most is not None else [])
+        return [f"head_dim={call.head_dim} (supported: {', '.join(bounds)})"]
     return []
 
 
