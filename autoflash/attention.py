@@ -13,7 +13,7 @@ import torch
 from autoflash import dispatch, handover, tracing
 from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
 from autoflash.layout import FORWARD_LAYOUT, allowed_keys, pad_key_mask, plan_for, plan_traced
-from autoflash.settings import logger
+from autoflash.settings import say_once
 
 ATTENTION_NAME = handover.ATTENTION_NAME
 
@@ -238,15 +238,9 @@ def _cuda_autocast_dtype():
     return target if enabled else None
 
 
-_notified = set()
-
-
 def _once(key: str, message: str, level: int = logging.WARNING) -> None:
-    if tracing.is_tracing():
-        return  # said by the untraced calls; a log call inside a trace would break it
-    if key not in _notified:
-        _notified.add(key)
-        logger.log(level, message)
+    if not tracing.is_tracing():  # (said by the untraced calls; a log call inside a trace would break it)
+        say_once(("attention", key), level, message)
 
 
 def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why):

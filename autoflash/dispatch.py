@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -18,7 +19,7 @@ import torch
 
 from autoflash import backends, tracing
 from autoflash.call import FLASH_ATTN_SWITCH, AttentionCall, device_capability
-from autoflash.settings import EXCLUDE_CHOICES, logger, settings
+from autoflash.settings import EXCLUDE_CHOICES, forget_said, logger, say_once, settings
 
 
 @dataclass(frozen=True)
@@ -192,30 +193,17 @@ def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, exclud
     raise BackendUnavailable(f"no autoflash backend can serve {call.describe()}: {decision.why()}")
 
 
-_warned: Dict[tuple, bool] = {}
-
-
-def _first_time(key: tuple) -> bool:
-    """Whether this is the first warning of its kind in the process (``clear_cache`` forgets them)."""
-    if key in _warned:
-        return False
-    _warned[key] = True
-    return True
-
-
 def _log_fallback(call: AttentionCall, decision: Decision) -> None:
     logger.debug("%s -> %s%s", call.describe(), decision.backend,
                  f" ({decision.why()})" if decision.refused else "")
     if not decision.refused or decision.backend == "reference":
         return
     # one warning per kind of fallback: same path, same chosen backend, same reasons for the first refusal
-    if not _first_time((call.kind, decision.backend, decision.refused[0])):
-        return
-    log = logger.warning if _user_can_act(call, decision) else logger.info
-    log("%s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
-                   {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
-                    "masked": "traced padded/packed"}[call.kind],
-                   decision.backend, decision.why())
+    say_once(("fallback", call.kind, decision.backend, decision.refused[0]),
+             logging.WARNING if _user_can_act(call, decision) else logging.INFO,
+             "%s attention runs on %s: %s (set AUTOFLASH_LOG=debug to see every choice)",
+             {"dense": "unpadded", "varlen": "padded/packed", "cache": "kv-cache",
+              "masked": "traced padded/packed"}[call.kind], decision.backend, decision.why())
 
 
 def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) -> None:
@@ -223,12 +211,10 @@ def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) ->
     serves keeps a non-deterministic backward unless torch's switch is on too. Once per backend."""
     if call.deterministic != FLASH_ATTN_SWITCH or call.device_type != "cuda" or decision.backend == "flash_attn":
         return
-    if not _first_time(("deterministic", decision.backend)):
-        return
-    logger.warning("%s asks flash-attn for a deterministic backward, but %s serves this training "
-                   "call (%s), and its backward is deterministic only under torch.use_deterministic_algorithms(True)"
-                   ": set that too, or install flash-attn >= 2.4.1", FLASH_ATTN_SWITCH, decision.backend,
-                   decision.why() or call.describe())
+    say_once(("deterministic", decision.backend), logging.WARNING,
+             "%s asks flash-attn for a deterministic backward, but %s serves this training call (%s), and its "
+             "backward is deterministic only under torch.use_deterministic_algorithms(True): set that too, or "
+             "install flash-attn >= 2.4.1", FLASH_ATTN_SWITCH, decision.backend, decision.why() or call.describe())
 
 
 def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
@@ -256,5 +242,5 @@ def describe_choice(call: AttentionCall) -> Dict[str, object]:
 def clear_cache() -> None:
     _generation[0] += 1
     _choose.cache_clear()
-    _warned.clear()
+    forget_said("fallback", "deterministic")
     last_decisions.clear()

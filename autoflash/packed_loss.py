@@ -30,18 +30,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 
 import torch
 
 from autoflash import tracing, unpad_model
 from autoflash.layout import pack, scatter
-from autoflash.settings import logger
+from autoflash.settings import say_once
 
 IGNORE_INDEX = -100  # transformers' label for a position without a target
 REAL_HEAD, PADDED_HEAD = "real tokens", "padded layout"  # where the LM head and loss ran (status())
 # output class -> (its subclass with logits built on first read, its field names): see _lazy_output_class
 _LAZY = {}
-_logged = set()
 # the causal LM's own arguments: everything else is passed on to the model, as its forward does
 _LM_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "shift_labels")
 
@@ -159,9 +159,7 @@ def _padded_logits(module, reason, original, args, kwargs):
     """transformers' own forward: logits and loss over the padded layout. Its decoder still decides for
     itself whether the layers run on the packed row: the hidden states it returns are the same either way
     (padded positions hold zeros on every path)."""
-    if reason not in _logged:
-        _logged.add(reason)
-        logger.debug("logits and loss on the padded layout: %s", reason)
+    say_once(("padded head", reason), logging.DEBUG, "logits and loss on the padded layout: %s", reason)
     out = original(module, *args, **kwargs)
     unpad_model.record_head(PADDED_HEAD, reason)
     return out

@@ -23,6 +23,24 @@ BACKEND_CHOICES = ("auto",) + AUTO_ORDER
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 logger = logging.getLogger("autoflash")
+_said = set()  # the keys say_once has logged in this process
+
+
+def say_once(key: tuple, level: int, message: str, *args) -> bool:
+    """Log ``message % args`` at ``level`` the first time ``key`` comes up in this process; whether it did.
+    A key begins with its topic (``forget_said`` starts a topic over: tests, ``dispatch.clear_cache``).
+    Not for traced code: a log call inside a trace breaks it (callers there are silent; untraced calls say it)."""
+    if key in _said:
+        return False
+    _said.add(key)
+    logger.log(level, message, *args)
+    return True
+
+
+def forget_said(*topics: str) -> None:
+    """Forget what ``say_once`` said under ``topics`` (every topic where none is named)."""
+    for key in [k for k in _said if not topics or k[0] in topics]:
+        _said.discard(key)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -38,7 +39,7 @@ from autoflash import tracing
 from autoflash.attention import PackedRow
 from autoflash.layout import (FORWARD_LAYOUT, Layout, pack, plan_from_given_boundaries, plan_traced,
                               plan_without_cache, scatter)
-from autoflash.settings import UNPAD_MODEL_VARIABLE, logger, settings
+from autoflash.settings import UNPAD_MODEL_VARIABLE, say_once, settings
 
 WHOLE_MODEL = "whole-model"
 PER_LAYER = "per-layer"
@@ -60,7 +61,6 @@ _published = contextvars.ContextVar("autoflash_published", default=None)
 _last = contextvars.ContextVar("autoflash_last_path", default=None)
 # (where, reason) the last padded forward's LM head and loss ran, for a causal LM given labels (packed_loss)
 _last_head = contextvars.ContextVar("autoflash_last_head", default=None)
-_logged = set()
 
 
 def last_decision() -> Optional[dict]:
@@ -88,9 +88,9 @@ def record_head(on: str, reason: Optional[str]) -> None:
 def record(path: str, reason: Optional[str]) -> None:
     _last.set((path, reason))
     _last_head.set(None)  # a causal LM's wrapper says where its head ran, after its decoder
-    if reason is not None and reason not in _logged:
-        _logged.add(reason)
-        logger.debug("padding removed per layer, not for the whole model: %s", reason)
+    if reason is not None:
+        say_once(("per layer", reason), logging.DEBUG, "padding removed per layer, not for the whole model: %s",
+                 reason)
 
 
 def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:

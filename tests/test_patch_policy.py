@@ -155,9 +155,9 @@ def test_routed_disable_restores_the_originals_and_enable_patches_again(llama):
 def test_legacy_output_attentions_says_that_no_weights_come_back(llama, caplog):
     from transformers import LlamaForCausalLM
 
-    from autoflash.patches import attention_classes
+    from autoflash.settings import forget_said
 
-    attention_classes._warned.clear()  # it warns once per process
+    forget_said("attention")  # it warns once per process
 
     model = LlamaForCausalLM(tiny_config())
     out = model(input_ids=torch.randint(3, 97, (2, 5)), output_attentions=True)

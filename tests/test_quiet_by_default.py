@@ -76,3 +76,18 @@ def test_warnings_read_once_named_under_the_applications_logging_and_without_it(
     bare = [line for line in run_python(code, env={"LOGGING_UNDER_TEST": "none"}).stderr.splitlines()
             if "autoflash" in line]
     assert len(bare) == 1 and bare[0].startswith("autoflash: output_attentions=True "), bare
+
+
+def test_what_is_said_once_is_said_once_per_key_and_a_topic_can_start_over(caplog):
+    import logging
+
+    from autoflash.settings import forget_said, say_once
+
+    with caplog.at_level(logging.INFO, logger="autoflash"):
+        said = [say_once(("a topic", 1), logging.INFO, "first %s", 1), say_once(("a topic", 1), logging.INFO, "again"),
+                say_once(("a topic", 2), logging.INFO, "another key"), say_once(("other", 1), logging.INFO, "other")]
+        forget_said("a topic")
+        said += [say_once(("a topic", 1), logging.INFO, "after forgetting"), say_once(("other", 1), logging.INFO, "no")]
+    assert said == [True, False, True, True, True, False]
+    assert [r.getMessage() for r in caplog.records] == ["first 1", "another key", "other", "after forgetting"]
+    forget_said("a topic", "other")

@@ -67,10 +67,9 @@ def test_random_seeds_and_gqa_ratios_match_eager(seed):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_output_attentions_returns_eager_weights_for_those_calls(side, caplog):
-    from autoflash import attention
-    from autoflash.patches import attention_classes
+    from autoflash.settings import forget_said
 
-    attention._notified.discard("weights"), attention_classes._warned.clear()  # each warns once per process
+    forget_said("attention")  # it warns once per process
     fast, eager = model_pair(seed=4)
     fast.eval(), eager.eval()
     mask = padding_mask([6, 2, 4], side)

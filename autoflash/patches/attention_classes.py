@@ -27,13 +27,14 @@ is refused by that class, and ``output_attentions`` returns no weights (autoflas
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import List
 
 from autoflash import handover, unpad_model
 from autoflash.attention import attention_forward
 from autoflash.patches.base import Patch
 from autoflash.patches.whole_model import remove_padding_for_whole_model
-from autoflash.settings import logger
+from autoflash.settings import say_once
 
 ERA = "attention-classes"
 REPLACED_REQUESTS = (None, "sdpa", "flash_attention_2")
@@ -95,15 +96,10 @@ def _method(self, query_states, key_states, value_states, attention_mask, query_
                 value_states, attention_mask, dropout, softmax_scale, getattr(self, "_autoflash_position_ids", None))
 
 
-_warned = []
-
-
 def _warn_no_weights():
-    if not _warned:
-        _warned.append(True)
-        logger.warning("output_attentions=True returns no attention weights under transformers < 4.48, "
-                       "whose flash-attention model code autoflash runs behind; load the model with "
-                       "attn_implementation='eager' to get them")
+    say_once(("attention", "weights"), logging.WARNING,
+             "output_attentions=True returns no attention weights under transformers < 4.48, whose flash-attention "
+             "model code autoflash runs behind; load the model with attn_implementation='eager' to get them")
 
 
 def route_requests(patch: Patch, base, name: str) -> None:
