@@ -267,8 +267,7 @@ def wrap(original, model_class, family, attention_name, release: Release):
     removed from the whole stack where ``why_keep_padding`` allows."""
     def with_layout(module, input_ids, attention_mask, position_ids, kwargs):
         """kwargs, with the padded batch's layout for attention where it is known without a sync."""
-        if not release.as_kwargs or release.cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None \
-                or not runs_autoflash(module, attention_name):
+        if not release.as_kwargs or release.cache_passed(kwargs) or kwargs.get("cu_seq_lens_q") is not None:
             return kwargs
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         batch, length = source.shape[:2]
@@ -284,12 +283,14 @@ def wrap(original, model_class, family, attention_name, release: Release):
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
         given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back
+        if given is None and not runs_autoflash(self, attention_name):
+            return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)  # left entirely alone
         if given is None and tracing.is_tracing() and (attention_mask is None or release.cache_passed(kwargs)
                                                        or release.published(self)
                                                        or not tracing.graph_breaks_allowed()):
             # Traced (torch.compile, torch.export) where the graph must not break here: an unpadded
             # batch, a decode step, or a trace that must stay whole. Padding stays; attention masks it.
-            if attention_mask is not None and not release.cache_passed(kwargs) and runs_autoflash(self, attention_name):
+            if attention_mask is not None and not release.cache_passed(kwargs):
                 tracing.note(tracing.TRACE_SAFE, "a padded forward traced by torch.export or fullgraph "
                                                  "torch.compile keeps its padding; attention masks it")
                 # padded positions hold zeros here too, as on every untraced path (one masked_fill)
@@ -299,12 +300,12 @@ def wrap(original, model_class, family, attention_name, release: Release):
                             **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if given is None:
-            if source is not None and attention_mask is not None and runs_autoflash(self, attention_name):
+            if source is not None and attention_mask is not None:
                 check_mask_shape(source, attention_mask, kwargs, release)
-            if source is not None and source.shape[1] * source.shape[0] == 0 and runs_autoflash(self, attention_name):
+            if source is not None and source.shape[1] * source.shape[0] == 0:
                 return empty_batch(original, self, input_ids, attention_mask, position_ids, args, kwargs, source)
             # no mask: nothing to remove (packed rows are handled per layer, with no gather)
-            if attention_mask is None or not runs_autoflash(self, attention_name) or source is None:
+            if attention_mask is None or source is None:
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
