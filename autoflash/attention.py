@@ -1,7 +1,7 @@
 """The two functions transformers calls: the mask function (once per forward) and the
-attention function (once per layer). From here on a call is plain data: a ``Layout``
-(where the real tokens are), an ``AttentionCall`` (what the kernel must support), a
-``Decision`` (which backend, and why not the others).
+attention function (once per layer). From here on a call is plain data: the ``Forward`` record
+of the forward it belongs to, a ``Layout`` (where the real tokens are), an ``AttentionCall``
+(what the kernel must support), a ``Decision`` (which backend, and why not the others).
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import torch
 
 from autoflash import dispatch, handover, tracing
 from autoflash.call import AttentionCall, capability_of, deterministic_backward_asked
-from autoflash.layout import FORWARD_LAYOUT, allowed_keys, pad_key_mask, plan_for, plan_traced
+from autoflash.forward import KEYWORD as FORWARD_KEYWORD
+from autoflash.forward import Forward
+from autoflash.forward import current as current_forward
+from autoflash.layout import Layout, allowed_keys, pad_key_mask, plan_for, plan_traced
 from autoflash.settings import say_once
 
 ATTENTION_NAME = handover.ATTENTION_NAME
@@ -56,56 +59,49 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     return torch.as_tensor(fill, dtype=torch.int32, device=device).reshape(1).expand(batch_size).contiguous()
 
 
-class PackedRow:
-    """The whole-model packed row of one forward (``autoflash.unpad_model``), shared by its layers.
-
-    Which backend serves the row is decided once, before the first layer, in eager Python
-    (``decide``); each layer then only calls that backend, plain tensor code that
-    torch.compile traces into the model's graph: no graph break per layer. A layer whose
-    call differs from the one decided for (a dtype or head count of its own) takes the
-    general path.
-    """
-
-    def __init__(self, layout):
-        self.layout = layout
-        self.call = None
-        self.backend = None
-
-    def decide(self, config, device, hidden_dtype, training: bool, needs_grad: bool) -> None:
-        dtype = hidden_dtype
-        if device.type == "cuda" and dtype == torch.float32:
-            dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        total = self.layout.q_len
-        self.call = AttentionCall(
-            kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
-            num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=total,
-            kv_len=total, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
-            needs_grad=needs_grad, deterministic=_deterministic(needs_grad, training))
-        self.backend = dispatch.backend(dispatch.pick(self.call, device))
+def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_grad: bool):
+    """(the packed row's attention call, the backend that serves it), decided once per forward before its first
+    layer, in eager Python (``unpad_model``): each layer then only runs that backend (``attention_forward``),
+    with no graph break per layer in a compiled model. ``needs_grad`` and ``training``: the forward's, which
+    hold for each of its layers. A layer whose call differs (a dtype or head count of its own) takes the
+    general path."""
+    dtype = hidden_dtype
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    call = AttentionCall(
+        kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
+        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=row.q_len,
+        kv_len=row.q_len, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
+        needs_grad=needs_grad, deterministic=_deterministic(needs_grad, training))
+    return call, dispatch.pick(call, device)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
-    """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None)."""
-    packed = kwargs.get("autoflash_packed_row")
-    if packed is not None and packed.backend is not None \
+    """Registered with transformers' AttentionInterface. q (B, H, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, H, D), None).
+
+    The forward it belongs to (``autoflash.forward``) comes as the keyword ``autoflash_forward``, or where
+    the release passes no keywords on, as the forward published for its duration."""
+    forward = kwargs.get(FORWARD_KEYWORD) or current_forward()
+    if forward is not None and forward.row_backend \
             and handover.why_not_mine(kwargs, attention_mask, module) is None \
-            and _same_call(packed, query, key, dropout, is_causal, module, kwargs):
-        scale = scaling if scaling is not None else packed.call.head_dim ** -0.5
-        out = packed.backend.run(query, key, value, packed.layout, packed.call, scale)
+            and _same_call(forward, query, key, dropout, is_causal, module, kwargs):
+        scale = scaling if scaling is not None else forward.row_call.head_dim ** -0.5
+        out = dispatch.backend(forward.row_backend).run(query, key, value, forward.row, forward.row_call, scale)
         return (out if out.dtype == query.dtype else out.to(query.dtype)), None
-    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    return _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, forward,
+                              **kwargs)
 
 
-def _same_call(packed, query, key, dropout, is_causal, module, kwargs) -> bool:
-    call = packed.call
+def _same_call(forward: Forward, query, key, dropout, is_causal, module, kwargs) -> bool:
+    call = forward.row_call
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     return (not kwargs.get("output_attentions") and query.dtype == call.dtype and query.shape[0] == 1
             and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
             and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal
-            and _binding_window(kwargs, packed.layout, key) is None)
+            and _binding_window(kwargs, forward.row, key) is None)
     # (needs_grad and the deterministic backward's request are not compared: the forward's grad mode and
     # training flag, which decided them, hold for each of its layers)
 
@@ -134,8 +130,7 @@ def _needs_grad(query, key, value) -> bool:
     return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
 
 
-def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                       **kwargs):
+def _attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, forward, **kwargs):
     """Any call but the packed row's.
 
     A call traced by torch.compile or torch.export is tensor operations and custom ops only:
@@ -146,10 +141,10 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     """
     why = handover.why_not_mine(kwargs, attention_mask, module)
     if why is not None:
-        return _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why)
+        return _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, forward, kwargs, why)
     in_dtype = query.dtype
     query, key, value = _to_kernel_dtype(query, key, value)
-    layout = None if query.numel() == 0 else _layout_of(query, key, attention_mask, kwargs)
+    layout = None if query.numel() == 0 else _layout_of(query, key, attention_mask, forward, kwargs)
     if layout is None or (layout.kind == "varlen" and layout.total == 0):
         # an empty batch, or every position padding: nothing for a kernel to do (flash kernels refuse
         # empty inputs); padded positions hold zeros
@@ -162,15 +157,14 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
-def _layout_of(query, key, attention_mask, kwargs):
-    """The forward's layout: handed down by the model, or computed by its first layer (``plan_for``)."""
+def _layout_of(query, key, attention_mask, forward, kwargs):
+    """The call's layout: the forward's record's where it holds it, else computed by the forward's first layer
+    (``plan_for``, kept for the others)."""
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    packed, given = kwargs.get("autoflash_packed_row"), kwargs.get(FORWARD_LAYOUT)
-    if packed is not None and batch == 1 and q_len == kv_len == packed.layout.q_len:
-        return packed.layout
-    if given is not None and given.batch == batch and q_len == kv_len == given.q_len:
-        return given
+    known = forward.layout_for(batch, q_len, kv_len) if forward is not None else None
+    if known is not None:
+        return known
     plan = plan_traced if tracing.is_tracing() else plan_for
     return plan(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, query.device,
                 kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q"))
@@ -243,7 +237,7 @@ def _once(key: str, message: str, level: int = logging.WARNING) -> None:
         say_once(("attention", key), level, message)
 
 
-def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, why):
+def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, forward, kwargs, why):
     """A call autoflash's kernels do not serve: transformers' own attention computes it (``autoflash.handover``),
     given the keys each query may see as autoflash's mask function described them."""
     if kwargs.get("output_attentions") or handover.config_asks_for_weights(module):
@@ -258,7 +252,7 @@ def _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_c
                 "neither autoflash nor transformers' sdpa can compute it exactly. Continuous batching runs "
                 "transformers' own attention where autoflash is installed; if you set the model to "
                 f"{ATTENTION_NAME!r} yourself, load it with attn_implementation='sdpa' instead.")
-        layout = _layout_of(query, key, attention_mask, kwargs)
+        layout = _layout_of(query, key, attention_mask, forward, kwargs)
         call = _call_record(layout, query, key, dropout, _causal(module, is_causal), False,
                             _binding_window(kwargs, layout, key))
         allowed = allowed_keys(layout, call, query.device)

@@ -46,7 +46,7 @@ ATTENTION_NAME = "autoattn"
 KNOWN_KEYWORDS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "sliding_window", "softcap",
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
-    "autoflash_packed_row", "autoflash_layout", "autoflash_cache_position",
+    "autoflash_forward", "autoflash_cache_position",
 })
 # Keywords that change what attention computes; autoflash's kernels apply none of them.
 NEEDS_EAGER = ("softcap", "s_aux", "sinks")

@@ -34,13 +34,6 @@ from typing import Optional
 
 import torch
 
-# The keyword argument by which the LLaMA forward hands its layers the layout of its padded
-# batch where it knows it without a host sync: every row one sequence (the caller gave neither
-# a mask nor position ids; transformers fills position ids in later, and searching those for
-# packed sequences would sync), or a traced call's masked layout, built once instead of per layer.
-# It describes the calls without a cached prefix: q_len == kv_len == Layout.q_len.
-FORWARD_LAYOUT = "autoflash_layout"
-
 
 @dataclass(frozen=True)
 class Layout:

@@ -35,6 +35,8 @@ import logging
 import torch
 
 from autoflash import tracing, unpad_model
+from autoflash.forward import KEYWORD as FORWARD_KEYWORD
+from autoflash.forward import Forward
 from autoflash.layout import pack, scatter
 from autoflash.settings import say_once
 
@@ -124,7 +126,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
         output = _models_own_forward(original, module, call, layout, targets)
     else:
         model_kwargs["return_dict"] = True
-        out = module.model(**model_kwargs, **{unpad_model.PLAN_KEYWORD: layout})  # the packed row back
+        out = module.model(**model_kwargs, **{FORWARD_KEYWORD: Forward(layout, packed=True)})  # the row back
         hidden = out["last_hidden_state"]  # (1, real tokens, hidden)
         logits = module.lm_head(hidden)
         loss = release.loss(module, logits, targets, extra)
@@ -140,7 +142,8 @@ def _models_own_forward(original, module, call, layout, targets):
     # is scored against its own target (the row's last target is -100: no label follows a sequence's end
     # unless one is predicted from padding, which keeps the padded layout)
     late = torch.nn.functional.pad(targets, (1, 0), value=IGNORE_INDEX)[:, :-1]
-    given = {**call, "labels": late, "attention_mask": None, "return_dict": True, unpad_model.PLAN_KEYWORD: layout}
+    given = {**call, "labels": late, "attention_mask": None, "return_dict": True,
+             FORWARD_KEYWORD: Forward(layout, packed=True)}
     if call.get("shift_labels") is not None:  # the caller's own targets, taken as they are
         given["shift_labels"] = targets
     out = original(module, **given)

@@ -17,16 +17,16 @@ autoflash does not know, ``AUTOFLASH_UNPAD_MODEL=0``. A forward that returns a c
 because ``use_cache`` defaults to True keeps the saving: the cache built on the packed
 row is returned in the padded layout, equal to eager's at real positions.
 
-How the sequence boundaries reach attention: transformers >= 4.48 passes the keyword
-arguments ``cu_seq_lens_q/k`` and ``max_length_q/k`` from the decoder's forward
-(``LlamaModel.forward``) to the attention function (4.48-4.5x drop them under gradient
-checkpointing); 4.37-4.47 pass nothing on. So the boundaries are also published for the
-duration of the forward (``packed_boundaries``), and the attention entry points of the
-older eras read them where the call brought none.
+How the packed row reaches attention: in one record per forward (``autoflash.forward.Forward``),
+which transformers >= 4.48 passes from the decoder's forward (``LlamaModel.forward``) to the attention
+function as a keyword argument, beside ``cu_seq_lens_q/k`` and ``max_length_q/k`` for its own code
+(4.48-4.5x drop keywords under gradient checkpointing; 4.37-4.47 pass nothing on). Where they may not
+arrive, the record is also published for the duration of the forward, and attention reads it there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import logging
@@ -36,27 +36,21 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from autoflash import tracing
-from autoflash.attention import PackedRow
-from autoflash.layout import (FORWARD_LAYOUT, Layout, pack, plan_from_given_boundaries, plan_traced,
-                              plan_without_cache, scatter)
+from autoflash.attention import decide_row
+from autoflash.forward import KEYWORD as FORWARD_KEYWORD
+from autoflash.forward import Forward, published
+from autoflash.layout import Layout, pack, plan_from_given_boundaries, plan_traced, plan_without_cache, scatter
 from autoflash.settings import UNPAD_MODEL_VARIABLE, say_once, settings
 
 WHOLE_MODEL = "whole-model"
 PER_LAYER = "per-layer"
 
 
-# The keyword by which packed_loss hands the decoder the plan it made (one host sync for the plan and
-# the label check together) and asks for the packed row back: both wrappers are autoflash's own, so
-# the keyword never reaches transformers.
-PLAN_KEYWORD = "autoflash_plan"
-
 # State of the forward in progress, for the eras whose model code passes nothing on to attention.
 # Context variables, read and written only outside traced code (``tracing.is_tracing()`` is checked
 # first, and torch.compile folds it to a constant): a traced program holds none of it.
 # depth of generate() calls
 _generating = contextvars.ContextVar("autoflash_generating", default=0)
-# (packed length, cu_seq_lens kwargs, padded width) while a packed row runs
-_published = contextvars.ContextVar("autoflash_published", default=None)
 # (path, reason) of the last padded forward
 _last = contextvars.ContextVar("autoflash_last_path", default=None)
 # (where, reason) the last padded forward's LM head and loss ran, for a causal LM given labels (packed_loss)
@@ -91,40 +85,6 @@ def record(path: str, reason: Optional[str]) -> None:
     if reason is not None:
         say_once(("per layer", reason), logging.DEBUG, "padding removed per layer, not for the whole model: %s",
                  reason)
-
-
-def packed_boundaries(batch: int, q_len: int) -> Optional[dict]:
-    """cu_seq_lens_q/k and max_length_q/k of the packed row being run, for an attention call
-    of that row that was not given them, else None.
-
-    transformers 4.37-4.47 pass no such arguments to attention at all, and 4.48-4.5x drop
-    them under gradient checkpointing; the packed row's position ids alone cannot always
-    tell where a sequence ends (a left-padded row's positions continue past the previous row's).
-    Nothing is published in a traced call: those eras keep the padding there.
-    """
-    if tracing.is_tracing():
-        return None
-    published = _published.get()
-    if published is None or batch != 1 or q_len != published[0]:
-        return None
-    return published[1]
-
-
-def padded_width(seq_len) -> Optional[int]:
-    """The padded batch's length where ``seq_len`` is the length of the packed row being run, else None.
-
-    transformers 4.37's rotary embedding takes the key length as the longest position it
-    must cover: given the packed row's length (often past max_position_embeddings) it rebuilds
-    its cos/sin cache, from an arange in the model's dtype (bf16 counts integers exactly only
-    to 256) and, with dynamic NTK scaling, with a different base. The padded length is what
-    eager gives it.
-    """
-    if tracing.is_tracing():
-        return None
-    published = _published.get()
-    if published is None or seq_len != published[0]:
-        return None
-    return published[2]
 
 
 # -- when -----------------------------------------------------------------------------------------
@@ -234,7 +194,7 @@ class Release:
     How the model code hands the packed row's boundaries to attention: ``as_kwargs`` where it passes
     cu_seq_lens_q/k (and other keyword arguments) from the decoder's forward to attention;
     ``lost_under_checkpointing`` where it drops them under gradient checkpointing. Where they may
-    not arrive, ``packed_boundaries`` publishes them for the forward (a context variable), and a
+    not arrive, the forward's record is published for its duration (``autoflash.forward``), and a
     traced forward keeps its padding instead. ``mask_for_packed_row``: hand the packed row an
     all-ones mask (where transformers would otherwise search its position ids for boundaries, a
     second host sync) or none (where it scans a mask it is given).
@@ -273,16 +233,17 @@ def wrap(original, model_class, family, attention_name, release: Release):
         batch, length = source.shape[:2]
         if attention_mask is None and position_ids is None:
             # every row one sequence: attention need not search the position ids transformers fills in
-            return {**kwargs, FORWARD_LAYOUT: Layout("dense", batch, length, length)}
+            return {**kwargs, FORWARD_KEYWORD: Forward(Layout("dense", batch, length, length))}
         if tracing.is_tracing() and attention_mask is not None and attention_mask.dim() == 2:
             # the padded batch's mask, built once for every layer
             layout = plan_traced(attention_mask, position_ids, batch, length, length, source.device)
-            return {**kwargs, FORWARD_LAYOUT: layout}
+            return {**kwargs, FORWARD_KEYWORD: Forward(layout)}
         return kwargs
 
     @functools.wraps(original)
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs):
-        given = kwargs.pop(PLAN_KEYWORD, None)  # packed_loss's plan; it takes the packed row back
+        # packed_loss's record of the forward, its plan made: it takes the packed row back
+        given = kwargs.pop(FORWARD_KEYWORD, None)
         if given is None and not runs_autoflash(self, attention_name):
             return original(self, input_ids, attention_mask, position_ids, *args, **kwargs)  # left entirely alone
         if given is None and tracing.is_tracing() and (attention_mask is None or release.cache_passed(kwargs)
@@ -314,7 +275,8 @@ def wrap(original, model_class, family, attention_name, release: Release):
                 record(PER_LAYER, reason)
                 return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
         batch, length = source.shape[:2]
-        layout = given if given is not None else plan(attention_mask, position_ids, batch, length, source.device)
+        layout = given.batch if given is not None else plan(attention_mask, position_ids, batch, length,
+                                                            source.device)
         if layout.kind == "varlen" and layout.total == 0:
             record(PER_LAYER, "no real token in the batch (every position is padding)")
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
@@ -397,22 +359,20 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, re
         else None
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
+    row = plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1,
+                                     packed_positions.shape[1])
+    forward = Forward(layout, packed=True, row=row)
     if release.as_kwargs:
-        kwargs.update(boundaries)
-        total = packed_positions.shape[1]
-        row = PackedRow(plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, total))
+        kwargs.update(boundaries)  # (transformers' own code reads them: its mask, a hand-over's flash)
         hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.embed_tokens.weight.dtype
         # (whether gradients are on, and so whether a deterministic backward is asked for: the forward's,
         # for every layer)
-        row.decide(module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
-        kwargs["autoflash_packed_row"] = row
-    token = _published.set((packed_positions.shape[1], boundaries, length)) if publish else None
-    try:
+        call, backend = decide_row(row, module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
+        forward = Forward(layout, packed=True, row=row, row_call=call, row_backend=backend)
+        kwargs[FORWARD_KEYWORD] = forward
+    with published(forward) if publish else contextlib.nullcontext():
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
-    finally:
-        if token is not None:
-            _published.reset(token)
     if not packed_output:
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
     if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)

@@ -17,7 +17,7 @@ START_UP = ("__init__", "_startup", "switch", "backend_names", "families", "sett
 BACKEND_MAY_USE = ("autoflash.backends", "autoflash.backend_names", "autoflash.call", "autoflash.layout",
                    "autoflash.tracing")
 # the runtime path from transformers' call to the kernel: it never reaches back to the patches or hooks
-RUNTIME = ("attention", "unpad_model", "packed_loss", "layout", "call", "dispatch", "tracing")
+RUNTIME = ("attention", "forward", "unpad_model", "packed_loss", "layout", "call", "dispatch", "tracing")
 
 
 def _modules():

@@ -17,8 +17,8 @@ installed (``_autoset_attn_implementation``); ``eager`` is honoured. Their confi
 ``flash_attention_2``; the kernels are autoflash's.
 
 Padding is removed from the whole decoder stack as in later eras; ``LlamaModel.forward``
-takes no extra keyword arguments here, so the packed row's boundaries reach the routed
-function through ``unpad_model.packed_boundaries``.
+takes no extra keyword arguments here, so the packed row reaches the routed function in the
+forward's record, published for its duration (``autoflash.forward``), which attention reads.
 
 Known gaps of this era (transformers' own flash-attention class sets them): a static cache
 is refused by that class, and ``output_attentions`` returns no weights (autoflash says so once).
@@ -30,8 +30,9 @@ import inspect
 import logging
 from typing import List
 
-from autoflash import handover, unpad_model
+from autoflash import handover
 from autoflash.attention import attention_forward
+from autoflash.forward import padded_width
 from autoflash.patches.base import Patch
 from autoflash.patches.whole_model import remove_padding_for_whole_model
 from autoflash.settings import say_once
@@ -74,11 +75,10 @@ def _run(module_or_caller, query, key, value, attention_mask, dropout, softmax_s
     # this era's flash path holds q/k/v as (batch, len, heads, dim); autoflash's function takes
     # transformers' other layout, (batch, heads, len, dim), and returns (batch, len, heads, dim)
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-    # the whole-stack packed row: its boundaries, which this era's model code does not pass on
-    boundaries = (unpad_model.packed_boundaries(query.shape[0], query.shape[1]) if query.shape[1] > 1 else None) or {}
+    # (a whole-stack packed row: attention finds the forward's record, published, as this era's model code
+    # passes nothing on)
     out, _ = attention_forward(module_or_caller, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids,
-                               **boundaries)
+                               mask, dropout=dropout, scaling=softmax_scale, position_ids=position_ids)
     return out
 
 
@@ -121,7 +121,7 @@ def route_requests(patch: Patch, base, name: str) -> None:
 def _rotary_sized_for_the_batch(original):
     """transformers 4.37-4.38: the rotary embedding sized by the padded batch, not the packed row."""
     def forward(self, x, seq_len=None, *args, **kwargs):
-        width = unpad_model.padded_width(seq_len)
+        width = padded_width(seq_len)
         return original(self, x, width if width is not None else seq_len, *args, **kwargs)
 
     forward.__wrapped__ = original

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import List
 
-from autoflash import unpad_model
 from autoflash.attention import attention_forward, mask_function
 from autoflash.patches.attention_classes import REPLACED_REQUESTS, route_requests
 from autoflash.patches.base import Patch
@@ -62,9 +61,8 @@ def _routed_attention(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is None and key.shape[2] > query.shape[2]:
         if positions is not None:
             attention_mask = mask_function(query.shape[0], query.shape[2], key.shape[2], cache_position=positions)
-    # dropped under gradient checkpointing in these releases (a decode step is never a packed row)
-    if kwargs.get("cu_seq_lens_q") is None and query.shape[2] > 1:
-        kwargs.update(unpad_model.packed_boundaries(query.shape[0], query.shape[2]) or {})
+    # (a packed row's record is dropped with the other keywords under gradient checkpointing in these
+    # releases: attention then finds it published)
     return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
