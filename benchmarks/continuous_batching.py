@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the competitors and W2's model, shared with the other workloads)
+import harness  # noqa: E402  (the competitors and W2's model, shared with the other workloads)
 
 COMPETITORS = ["autoflash", "flash_attention_2", "sdpa"]
 
@@ -89,7 +89,7 @@ def batched(model, inputs, new):
 def agreement(model, s, competitor):
     a = s["agree"]
     inputs = prompts(a["requests"], a["prompt"], a["vocab"], seed=1)
-    with bench.competing_as(model, competitor):
+    with harness.competing_as(model, competitor):
         cb = batched(model, inputs, a["new"])
         parted = []
         for p, tokens in zip(inputs, cb):
@@ -104,12 +104,12 @@ def agreement(model, s, competitor):
 
 def throughput(model, s, competitor, inputs):
     sp = s["speed"]
-    with bench.competing_as(model, competitor):
+    with harness.competing_as(model, competitor):
         batched(model, inputs[:8], 8)  # warm-up: CUDA graphs, kernels loaded
-        bench.sync(s["device"])
+        harness.sync(s["device"])
         start = time.perf_counter()
         out = batched(model, inputs, sp["new"])
-        bench.sync(s["device"])
+        harness.sync(s["device"])
         seconds = time.perf_counter() - start
     return sum(len(t) for t in out), seconds, model.config._attn_implementation
 
@@ -164,18 +164,18 @@ def attention_ceiling(model, s, rounds):
     zeroed = [False]
     runs = {"flash_attention_2": [], "attention skipped": []}
     tokens = {}
-    with bench.competing_as(model, "flash_attention_2"):
+    with harness.competing_as(model, "flash_attention_2"):
         batched(model, inputs[:8], 8)  # imports flash-attn into transformers' globals
     with attention_zeroed(zeroed) as patched:
         for _ in range(rounds):
             for name in runs:
                 zeroed[0] = name == "attention skipped"
-                with bench.competing_as(model, "flash_attention_2"):
+                with harness.competing_as(model, "flash_attention_2"):
                     batched(model, inputs[:8], 8)
-                    bench.sync(s["device"])
+                    harness.sync(s["device"])
                     start = time.perf_counter()
                     out = batched(model, inputs, s["speed"]["new"])
-                    bench.sync(s["device"])
+                    harness.sync(s["device"])
                     runs[name].append(sum(len(t) for t in out) / (time.perf_counter() - start))
                 tokens[name] = out
         zeroed[0] = False
@@ -204,18 +204,18 @@ def main(argv=None) -> int:
     small = agreement_model(s)
     big = None
     for competitor in COMPETITORS:
-        why = bench.available(competitor)
+        why = harness.available(competitor)
         if why:
             rows[competitor] = {"skipped": why}
             continue
         rows[competitor] = {"agreement": agreement(small, s, competitor)}
     del small
-    w2 = bench.sizes(args.smoke)
-    big = bench.build_model(w2).eval()
+    w2 = harness.sizes(args.smoke)
+    big = harness.build_model(w2).eval()
     running = [c for c in COMPETITORS if "skipped" not in rows[c]]
     for competitor, row in throughputs(big, s, running, args.rounds).items():
         rows[competitor]["throughput"] = row
-    result = {"workload": "w5", "environment": bench.environment(w2), "rows": rows,
+    result = {"workload": "w5", "environment": harness.environment(w2), "rows": rows,
               "handed_over": autoflash.status()["handed_over"]}
     if args.attention_ceiling and "flash_attention_2" in running:
         result["attention_ceiling"] = attention_ceiling(big, s, args.rounds)

@@ -22,7 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import autoflash
-from bench import build_model, competing_as, decode_prompts, sizes
+from harness import build_model, competing_as, sizes
+from w2_decoding import decode_prompts
 
 COMPETITORS = ("sdpa", "autoflash")
 
