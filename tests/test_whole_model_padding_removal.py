@@ -521,3 +521,41 @@ def test_status_names_where_the_lm_head_and_loss_ran():
     assert unpad_model.last_decision()["lm_head_and_loss"] == {"on": "real tokens", "reason": None}
     fast(input_ids=ids, attention_mask=mask)  # no labels: no LM-head record left over from the last forward
     assert "lm_head_and_loss" not in unpad_model.last_decision()
+
+
+def test_every_layer_of_a_packed_forward_reads_one_frozen_record_of_it(monkeypatch):
+    """The forward's record (autoflash.forward.Forward) is made once and read by each layer, by keyword where the
+    release passes keywords to attention, published for the forward where it does not; nothing mutates it."""
+    import dataclasses
+
+    from autoflash import attention, forward
+
+    seen = []
+    original_layout_of = attention._layout_of
+
+    def layout_of(query, key, attention_mask, record, kwargs):
+        seen.append(record)
+        return original_layout_of(query, key, attention_mask, record, kwargs)
+
+    original_same_call = attention._same_call
+
+    def same_call(record, *args):
+        seen.append(record)
+        return original_same_call(record, *args)
+
+    monkeypatch.setattr(attention, "_layout_of", layout_of)
+    monkeypatch.setattr(attention, "_same_call", same_call)
+    fast, _ = model_pair(seed=21)
+    mask = _mask([7, 3, 1, 12], ["left", "right", "right", "left"])
+    ids = torch.randint(3, 97, mask.shape, generator=torch.Generator().manual_seed(21))
+    fast(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask)).loss.backward()
+    assert last_path() == "whole-model"
+    layers = fast.config.num_hidden_layers
+    records = {id(r): r for r in seen}
+    assert len(records) == 1 and len(seen) >= layers, (len(records), len(seen))
+    (record,) = records.values()
+    assert isinstance(record, forward.Forward) and record.packed
+    assert record.row.batch == 1 and record.row.q_len == int(mask.sum()) and record.batch.q_len == mask.shape[1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.row_backend = "sdpa"
+    assert forward.current() is None  # published only for the duration of its forward
