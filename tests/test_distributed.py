@@ -152,14 +152,21 @@ def _torchrun(script, *args, tmp_path):
     return result.stdout
 
 
+def _reports(tmp_path):
+    """Each rank's report, from a file of its own: two ranks printing at once can share one line of output."""
+    return [json.loads(path.read_text()) for path in sorted(tmp_path.glob("report-*.json"))]
+
+
 def test_every_rank_started_by_torchrun_patches_on_import_and_names_its_rank(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("import json\n"
                       "import transformers.models.llama.modeling_llama  # the job's first import of LLaMA's code\n"
                       "import autoflash\n"
                       "status = autoflash.status()\n"
-                      "print(json.dumps({k: status[k] for k in ('rank', 'active', 'patched')}))\n")
-    reports = [json.loads(line) for line in _torchrun(script, tmp_path=tmp_path).splitlines() if line.startswith("{")]
+                      "report = json.dumps({k: status[k] for k in ('rank', 'active', 'patched')})\n"
+                      "open(f\"report-{status['rank']['rank']}.json\", 'w').write(report)\n")
+    _torchrun(script, tmp_path=tmp_path)
+    reports = _reports(tmp_path)
     assert sorted(r["rank"]["rank"] for r in reports) == [0, 1]
     assert all(r["rank"]["world_size"] == 2 and r["active"] for r in reports)
     assert all(r["patched"] == ["transformers.models.llama.modeling_llama"] for r in reports)
@@ -173,7 +180,8 @@ def test_every_process_started_by_accelerate_launch_patches_on_import(tmp_path):
     script.write_text("import json, os\n"
                       "import transformers.models.llama.modeling_llama\n"
                       "import autoflash\n"
-                      "print(json.dumps({'rank': os.environ.get('RANK'), 'patched': autoflash.status()['patched']}))\n")
+                      "report = json.dumps({'rank': os.environ.get('RANK'), 'patched': autoflash.status()['patched']})\n"
+                      "open(f\"report-{os.environ.get('RANK')}.json\", 'w').write(report)\n")
     port = _free_port()
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -181,7 +189,7 @@ def test_every_process_started_by_accelerate_launch_patches_on_import(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = _reports(tmp_path)
     assert sorted(r["rank"] for r in reports) == ["0", "1"]
     assert all(r["patched"] == ["transformers.models.llama.modeling_llama"] for r in reports)
 
