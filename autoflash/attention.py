@@ -30,11 +30,19 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     static cache without padding, a (batch,) int tensor of fill levels (the number of slots
     in use is a device value there; reading it would cost a host sync on every decode step).
     ``mask_function`` (transformers' description of causality and packing) is not needed:
-    causality is the kernels' flag, and packing is read from position ids.
+    causality is the kernels' flag, and packing is read from position ids. A pattern beyond those
+    (chunked attention, a bidirectional or custom mask: ``handover.why_mask_not_mine``) gets
+    transformers' own sdpa mask, and with it transformers' own attention, recorded.
 
     Tensor operations only, no host sync: transformers calls it inside compiled decode steps,
     and in ``generate`` to build the mask its compiled step is then given.
     """
+    why = handover.why_mask_not_mine(mask_function, kwargs.get("config"), kv_length + kv_offset)
+    if why is not None:
+        return handover.transformers_mask(why, kwargs.pop("config", None), batch_size=batch_size, q_length=q_length,
+                                          kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                                          mask_function=mask_function, attention_mask=attention_mask,
+                                          cache_position=cache_position, **kwargs)
     if q_length is None:  # transformers 4.5x passes the cache positions of the queries instead
         q_length = cache_position.shape[0]
     if attention_mask is not None:

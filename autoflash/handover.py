@@ -133,7 +133,8 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
     if kwargs.get("output_attentions") or config_asks_for_weights(module):
         return "output_attentions=True (flash kernels return no attention weights)"
     if attention_mask is not None and attention_mask.dim() > 2:
-        return "a 4-D attention mask (built by the caller, or by transformers 4.48-4.5x for a static cache)"
+        return ("a 4-D attention mask (built by the caller, by transformers for a mask pattern autoflash does not "
+                "compute, or by transformers 4.48-4.5x for a static cache)")
     return None
 
 
@@ -143,6 +144,61 @@ _WHAT = {"softcap": "logit softcapping", "s_aux": "sinks", "sinks": "sinks"}
 def _asks_more_than_softmax(kwargs: dict) -> list:
     """The keywords of NEEDS_EAGER this call gives a value (sdpa computes none of them)."""
     return [name for name in NEEDS_EAGER if kwargs.get(name) not in (None, 0, 0.0)]
+
+
+# ---------------------------------------------------------------- one forward's mask
+
+# transformers' mask functions (transformers.masking_utils) whose pattern autoflash computes by itself:
+# causality (the kernels' flag), a sliding window (attention's sliding_window keyword), padding and packed
+# sequences (read from the 2-D mask and the position ids), and the compositions that only combine them.
+UNDERSTOOD_MASKS = frozenset({
+    "causal_mask_function", "and_masks.<locals>.and_mask", "sliding_window_overlay.<locals>.inner_mask",
+    "padding_mask_function.<locals>.inner_mask", "packed_sequence_mask_function.<locals>.inner_mask",
+    "remap_positions_for_packed_sequence.<locals>.inner_mask", "add_offsets_to_mask_function.<locals>.inner_mask",
+})
+MASKS_MODULE = "transformers.masking_utils"
+
+
+def why_mask_not_mine(mask_function, config, kv_extent) -> Optional[str]:
+    """Why the pattern transformers describes by ``mask_function`` is not one autoflash computes, or None.
+
+    A config whose chunked attention binds (``attention_chunk_size`` shorter than the keys: Llama 4) is
+    answered from the config, in traced calls too. Outside a trace every function the mask composes is
+    checked against the patterns autoflash computes; inside one, nothing more (dynamo cannot open them)."""
+    chunk = getattr(config, "attention_chunk_size", None)
+    if isinstance(chunk, int) and kv_extent > chunk:
+        return f"chunked attention (attention_chunk_size={chunk}, shorter than the keys)"
+    if mask_function is None:
+        return None
+    if tracing.is_tracing():
+        # dynamo reads a traced function's name unreliably (a module-level function's compares unequal to its
+        # own text) and not what it closes over: a traced call is judged by its config only (docs/findings.md)
+        return None
+    for part in _composed_of(mask_function, 0):
+        name = getattr(part, "__qualname__", type(part).__name__)
+        if getattr(part, "__module__", None) != MASKS_MODULE or name not in UNDERSTOOD_MASKS:
+            return f"a mask pattern autoflash does not compute ({getattr(part, '__module__', '?')}.{name})"
+    return None
+
+
+def _composed_of(function, depth):
+    yield function
+    if depth > 8:
+        return
+    for cell in getattr(function, "__closure__", None) or ():
+        contents = cell.cell_contents
+        for inner in contents if isinstance(contents, tuple) else (contents,):
+            if callable(inner) and not isinstance(inner, torch.Tensor):
+                yield from _composed_of(inner, depth + 1)
+
+
+def transformers_mask(why: str, config, **given):
+    """The mask transformers' sdpa would be given for this forward (a 4-D boolean mask, or None where it is
+    plain causal): autoflash's attention then hands every call that receives it to transformers (``run``)."""
+    record(why, "transformers' sdpa (its own mask)", config)
+    registry = getattr(sys.modules.get(MASKS_MODULE), "AttentionMaskInterface", None)
+    return registry._global_mapping["sdpa"](**{name: value for name, value in given.items() if value is not None},
+                                            config=config)
 
 
 def run(module, query, key, value, attention_mask, allowed, dropout, scaling, is_causal, kwargs, why: str):

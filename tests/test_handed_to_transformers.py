@@ -8,6 +8,7 @@ cannot compute the call) in float32 on CPU, at real positions.
 from __future__ import annotations
 
 import copy
+import json
 import inspect
 import types
 
@@ -243,3 +244,63 @@ def test_a_config_that_asks_for_attention_weights_gets_eagers_weights():
     assert out.attentions is not None and len(out.attentions) == len(ref.attentions)
     for weights, expected in zip(out.attentions, ref.attentions):
         assert relative_error(weights, expected) < FLOAT32_RTOL
+
+
+def test_chunked_attention_asked_for_explicitly_equals_eager_through_transformers_own_mask():
+    """Llama 4 states its chunks only through the mask function transformers hands the mask interface: a model
+    that asks for autoattn in a fresh process gets transformers' own mask and attention, exactly, recorded."""
+    if not modern_era():
+        pytest.skip("the mask interface exists from transformers 4.53 (Llama 4 from 4.51)")
+    result = run_python("""
+        import copy, json, torch
+        import transformers
+        if not hasattr(transformers, "Llama4ForCausalLM"):
+            print(json.dumps(None)); raise SystemExit
+        from transformers import Llama4ForCausalLM, Llama4TextConfig
+        import autoflash
+        config = Llama4TextConfig(vocab_size=100, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                                  interleave_moe_layer_step=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        eager_config = copy.deepcopy(config)
+        eager_config._attn_implementation = "eager"
+        eager = Llama4ForCausalLM(eager_config).eval()
+        asked = Llama4ForCausalLM._from_config(copy.deepcopy(config), attn_implementation="autoattn").eval()
+        asked.load_state_dict(eager.state_dict())
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        with torch.no_grad():
+            errors = [((asked(ids, attention_mask=m).logits - eager(ids, attention_mask=m).logits)[m.bool()].abs().max()
+                       / eager(ids, attention_mask=m).logits.abs().max()).item() for m in (torch.ones_like(ids), mask)]
+        print(json.dumps({"implementation": asked.config._attn_implementation, "errors": errors,
+                          "handed_over": [r["call"] for r in autoflash.status()["handed_over"]]}))
+    """)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report is None:
+        pytest.skip("this transformers has no Llama 4")
+    assert report["implementation"] == handover.ATTENTION_NAME
+    assert max(report["errors"]) < FLOAT32_RTOL, report
+    assert any(call.startswith("chunked attention (attention_chunk_size=4") for call in report["handed_over"])
+
+
+def test_a_mask_pattern_autoflash_does_not_compute_is_named_and_the_ones_it_computes_are_not():
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    if not hasattr(masking_utils, "and_masks"):
+        pytest.skip("this transformers describes masks without mask functions")
+    causal = masking_utils.causal_mask_function
+    window = masking_utils.sliding_window_causal_mask_function(4)
+    packed = masking_utils.and_masks(causal, masking_utils.packed_sequence_mask_function(torch.zeros(1, 8)))
+    for understood in (None, causal, window, packed):
+        assert handover.why_mask_not_mine(understood, None, 8) is None
+    image_tokens = masking_utils.or_masks(causal, lambda b, h, q, kv: q == kv)  # a VLM's bidirectional image block
+    assert handover.why_mask_not_mine(image_tokens, None, 8).startswith("a mask pattern autoflash does not compute")
+    hidden = masking_utils.and_masks(image_tokens, masking_utils.packed_sequence_mask_function(torch.zeros(1, 8)))
+    assert handover.why_mask_not_mine(hidden, None, 8) is not None  # however deep in the composition
+    if hasattr(masking_utils, "chunked_causal_mask_function"):
+        chunked = masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
+        assert handover.why_mask_not_mine(chunked, None, 8) is not None
+    chunky = types.SimpleNamespace(attention_chunk_size=4)
+    assert handover.why_mask_not_mine(causal, chunky, 8).startswith("chunked attention")
+    assert handover.why_mask_not_mine(causal, chunky, 4) is None  # a chunk no key reaches past changes nothing
