@@ -37,7 +37,7 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     Tensor operations only, no host sync: transformers calls it inside compiled decode steps,
     and in ``generate`` to build the mask its compiled step is then given.
     """
-    why = handover.why_mask_not_mine(mask_function, kwargs.get("config"), kv_length + kv_offset)
+    why = handover.why_mask_not_mine(mask_function, kwargs.get("config"), (kv_length or 0) + (kv_offset or 0))
     if why is not None:
         return handover.transformers_mask(why, kwargs.pop("config", None), batch_size=batch_size, q_length=q_length,
                                           kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,

@@ -186,7 +186,10 @@ def _composed_of(function, depth):
     if depth > 8:
         return
     for cell in getattr(function, "__closure__", None) or ():
-        contents = cell.cell_contents
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
         for inner in contents if isinstance(contents, tuple) else (contents,):
             if callable(inner) and not isinstance(inner, torch.Tensor):
                 yield from _composed_of(inner, depth + 1)
