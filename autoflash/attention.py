@@ -37,7 +37,11 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     Tensor operations only, no host sync: transformers calls it inside compiled decode steps,
     and in ``generate`` to build the mask its compiled step is then given.
     """
-    why = handover.why_mask_not_mine(mask_function, kwargs.get("config"), (kv_length or 0) + (kv_offset or 0))
+    # transformers composes packed sequences into a mask only where it is given no padding mask and no cache
+    packing_possible = attention_mask is None and (q_length if q_length is not None else cache_position.shape[0]) \
+        == kv_length
+    why = handover.why_mask_not_mine(mask_function, kwargs.get("config"), (kv_length or 0) + (kv_offset or 0),
+                                     packing_possible)
     if why is not None:
         return handover.transformers_mask(why, kwargs.pop("config", None), batch_size=batch_size, q_length=q_length,
                                           kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,

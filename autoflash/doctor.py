@@ -115,6 +115,7 @@ def status() -> dict:
         "disabled_by_env": settings().disabled,
         "patched": hooks.patched_modules(),
         "families": hooks.families(),
+        "other_models": {},  # model type -> adopted or not, and why (models built in this process)
         "last_error": hooks.state()["last_error"] or hook_problem,
         "settings": settings().as_dict(),
         "startup": startup_files(),
@@ -134,8 +135,9 @@ def status() -> dict:
                               for n in AUTO_ORDER]
         result["bottom_line"] = bottom_line(result)
         return result
-    from autoflash import backends, dispatch, handover, tracing, unpad_model
+    from autoflash import adoption, backends, dispatch, handover, tracing, unpad_model
 
+    result["other_models"] = adoption.decisions()
     result["padding_removal"]["last"] = unpad_model.last_decision()
     result["traced"] = dict(tracing.traced_paths)
     result["handed_over"] = handover.handed_over()
@@ -197,6 +199,9 @@ def report(data: dict) -> str:
         lines.append(f"  last problem: {data['last_error']}")
     lines.append("model families:")
     lines += [f"  {name:<8} {state}" for name, state in data.get("families", {}).items()]
+    if data.get("other_models"):
+        lines.append("other models built in this process (each decoder on transformers' attention interface):")
+        lines += [f"  {name:<8} {state}" for name, state in data["other_models"].items()]
     start = data["startup"]
     lines.append("start-up hook:")
     for f in start["files"] or ["(no autoflash.pth / autoflash.start found)"]:

@@ -46,6 +46,7 @@ ATTENTION_NAME = "autoattn"
 KNOWN_KEYWORDS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "sliding_window", "softcap",
     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+    "output_router_logits",  # (mixtures of experts pass their router's flag on to every layer's attention)
     "autoflash_forward", "autoflash_cache_position",
 })
 # Keywords that change what attention computes; autoflash's kernels apply none of them.
@@ -159,25 +160,37 @@ UNDERSTOOD_MASKS = frozenset({
 MASKS_MODULE = "transformers.masking_utils"
 
 
-def why_mask_not_mine(mask_function, config, kv_extent) -> Optional[str]:
+PACKED_MASK = "packed_sequence_mask_function.<locals>.inner_mask"
+UNSEEN_PACKING = "packed sequences, in a model whose attention is not known to be handed the position ids that mark them"
+
+
+def why_mask_not_mine(mask_function, config, kv_extent, packing_possible=False) -> Optional[str]:
     """Why the pattern transformers describes by ``mask_function`` is not one autoflash computes, or None.
 
     A config whose chunked attention binds (``attention_chunk_size`` shorter than the keys: Llama 4) is
     answered from the config, in traced calls too. Outside a trace every function the mask composes is
-    checked against the patterns autoflash computes; inside one, nothing more (dynamo cannot open them)."""
+    checked against the patterns autoflash computes; inside one, nothing more (dynamo cannot open them).
+
+    Packed sequences are read by autoflash's attention from the position ids, which the families' attention
+    layers are handed; another model's may not be (Persimmon's consumes them): its packed forwards go to
+    transformers' mask. In a trace, where the pattern cannot be read, that is any forward where packing is
+    possible (no padding mask, no cache: transformers composes packing into every such traced forward)."""
     chunk = getattr(config, "attention_chunk_size", None)
     if isinstance(chunk, int) and kv_extent > chunk:
         return f"chunked attention (attention_chunk_size={chunk}, shorter than the keys)"
     if mask_function is None:
         return None
+    family = getattr(config, "model_type", None) in families.BY_NAME
     if tracing.is_tracing():
         # dynamo reads a traced function's name unreliably (a module-level function's compares unequal to its
         # own text) and not what it closes over: a traced call is judged by its config only (docs/findings.md)
-        return None
+        return UNSEEN_PACKING if packing_possible and not family else None
     for part in _composed_of(mask_function, 0):
         name = getattr(part, "__qualname__", type(part).__name__)
         if getattr(part, "__module__", None) != MASKS_MODULE or name not in UNDERSTOOD_MASKS:
             return f"a mask pattern autoflash does not compute ({getattr(part, '__module__', '?')}.{name})"
+        if name == PACKED_MASK and not family:
+            return UNSEEN_PACKING
     return None
 
 

@@ -18,10 +18,10 @@ from autoflash.settings import FAMILIES_VARIABLE, logger, settings
 
 WATCHED_MODULES = tuple(family.module for family in FAMILIES)
 # transformers modules that are not a family's: where autoflash's attention name is registered, once
-# (autoflash.patches.registration), and features that decide by a model's attention name
-# (autoflash.patches.integrations)
-INTEGRATION_MODULES = ("transformers.masking_utils", "transformers.generation.continuous_batching.continuous_api",
-                       "transformers.trainer")
+# (autoflash.patches.registration), where other decoders are adopted (autoflash.patches.other_decoders), and
+# features that decide by a model's attention name (autoflash.patches.integrations)
+INTEGRATION_MODULES = ("transformers.masking_utils", "transformers.modeling_utils",
+                       "transformers.generation.continuous_batching.continuous_api", "transformers.trainer")
 
 _lock = threading.RLock()  # re-entrant: a patch may import modules that fire other hooks
 _applied: Dict[str, object] = {}  # module name -> autoflash.patches.Patch, in the order applied
@@ -71,7 +71,7 @@ def apply(module, family=None) -> bool:
             _applied[name] = integrations.apply(module)
             return True
         family = family or BY_MODULE[name]
-        if family.name not in settings().families:
+        if not settings().adopts(family.name):
             _left_alone[name] = f"left out by {FAMILIES_VARIABLE}"
             return False
         from autoflash import patches  # imports torch: only now that a family's model code is loading
@@ -150,7 +150,7 @@ def families() -> Dict[str, str]:
                 out[family.name] = f"patched ({_applied[family.module].era} era)"
             elif family.module in _left_alone:
                 out[family.name] = f"not patched: {_left_alone[family.module]}"
-            elif family.name not in settings().families:
+            elif not settings().adopts(family.name):
                 out[family.name] = f"not watched: left out by {FAMILIES_VARIABLE}"
             elif family.module in sys.modules:
                 out[family.name] = "imported, not patched"

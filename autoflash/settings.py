@@ -7,11 +7,11 @@ A bad value never crashes a user's program: it is reported in one line through t
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from autoflash.backend_names import AUTO_ORDER, FLASH_KERNELS
 from autoflash.switch import DISABLE_VARIABLE, FALSE_WORDS, TRUE_WORDS, disabled_by_env
-from autoflash.families import BY_NAME as FAMILIES_BY_NAME
 
 BACKEND_VARIABLE = "AUTOFLASH_BACKEND"
 LOG_VARIABLE = "AUTOFLASH_LOG"
@@ -19,6 +19,8 @@ UNPAD_MODEL_VARIABLE = "AUTOFLASH_UNPAD_MODEL"
 EXCLUDE_VARIABLE = "AUTOFLASH_EXCLUDE"
 EXCLUDE_CHOICES = FLASH_KERNELS
 FAMILIES_VARIABLE = "AUTOFLASH_FAMILIES"
+ALL_MODELS = "all"
+MODEL_TYPE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 BACKEND_CHOICES = ("auto",) + AUTO_ORDER
 LOG_CHOICES = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
@@ -50,12 +52,18 @@ class Settings:
     log_level: str  # one of LOG_CHOICES
     unpad_model: bool = True  # False: padding is removed inside attention only (autoflash/unpad_model.py)
     exclude: tuple = ()  # backends left out of the choice (EXCLUDE_CHOICES)
-    families: tuple = tuple(FAMILIES_BY_NAME)  # the model families patched (autoflash.families)
+    # the model types served: "all" (every family and every decoder autoflash adopts: autoflash.adoption) or
+    # the names an admin listed
+    families: tuple = (ALL_MODELS,)
 
     def as_dict(self) -> dict:
         return {DISABLE_VARIABLE: self.disabled, BACKEND_VARIABLE: self.backend, LOG_VARIABLE: self.log_level,
                 UNPAD_MODEL_VARIABLE: self.unpad_model, EXCLUDE_VARIABLE: ",".join(self.exclude),
                 FAMILIES_VARIABLE: ",".join(self.families)}
+
+    def adopts(self, model_type: str) -> bool:
+        """Whether models of ``model_type`` (a family's name is its model type) may be served."""
+        return ALL_MODELS in self.families or model_type in self.families
 
 
 def _choice(variable: str, choices, default: str) -> str:
@@ -81,10 +89,18 @@ def _names(variable: str, choices) -> tuple:
 
 
 def _families() -> tuple:
-    """AUTOFLASH_FAMILIES narrows what is patched (an admin's choice); unset or empty: every family."""
-    if not os.environ.get(FAMILIES_VARIABLE, "").strip():
-        return tuple(FAMILIES_BY_NAME)
-    return _names(FAMILIES_VARIABLE, tuple(FAMILIES_BY_NAME))
+    """AUTOFLASH_FAMILIES narrows what is served (an admin's choice): ``all`` or model types (``llama``,
+    ``mixtral``, ...); unset or empty: all. A model type is any name transformers may give: only its form
+    is checked here (transformers is not imported at start-up)."""
+    raw = os.environ.get(FAMILIES_VARIABLE, "")
+    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    if not names:
+        return (ALL_MODELS,)
+    malformed = [n for n in names if not MODEL_TYPE.fullmatch(n)]
+    if malformed:
+        logger.warning("%s=%r: %s not a model type (such as llama, qwen2, mixtral) or 'all'; ignored",
+                       FAMILIES_VARIABLE, raw, ", ".join(map(repr, malformed)))
+    return tuple(dict.fromkeys(n for n in names if n not in malformed))
 
 
 @functools.lru_cache(maxsize=1)

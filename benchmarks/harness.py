@@ -49,7 +49,9 @@ def sizes(smoke: bool) -> dict:
 
 # --family: the model built at the same sizes (Qwen2's config adds q/k/v biases by default)
 FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                 # adopted decoders outside the families (autoflash.adoption): autoflash per layer
+                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}
 
 
 def build_model(s, family: str = "llama"):

@@ -292,8 +292,13 @@ def test_a_mask_pattern_autoflash_does_not_compute_is_named_and_the_ones_it_comp
     causal = masking_utils.causal_mask_function
     window = masking_utils.sliding_window_causal_mask_function(4)
     packed = masking_utils.and_masks(causal, masking_utils.packed_sequence_mask_function(torch.zeros(1, 8)))
+    family = types.SimpleNamespace(model_type="llama")  # its attention layers are handed the position ids
     for understood in (None, causal, window, packed):
-        assert handover.why_mask_not_mine(understood, None, 8) is None
+        assert handover.why_mask_not_mine(understood, family, 8) is None
+    # another decoder's attention may not be handed them (Persimmon's consumes them): packing goes to transformers
+    other = types.SimpleNamespace(model_type="persimmon")
+    assert handover.why_mask_not_mine(causal, other, 8) is None
+    assert handover.why_mask_not_mine(packed, other, 8) == handover.UNSEEN_PACKING
     image_tokens = masking_utils.or_masks(causal, lambda b, h, q, kv: q == kv)  # a VLM's bidirectional image block
     assert handover.why_mask_not_mine(image_tokens, None, 8).startswith("a mask pattern autoflash does not compute")
     hidden = masking_utils.and_masks(image_tokens, masking_utils.packed_sequence_mask_function(torch.zeros(1, 8)))

@@ -19,7 +19,7 @@ Both are recorded by ``autoflash.handover`` (``status()["handed_over"]``).
 from __future__ import annotations
 
 from autoflash import handover
-from autoflash.patches import registration
+from autoflash.patches import other_decoders, registration
 from autoflash.patches.base import Patch
 
 ERA = "integrations"
@@ -34,6 +34,8 @@ CP_WHY = "context parallelism (each rank holds a shard of the sequence; torch's 
 def apply(module) -> Patch:
     if module.__name__ == registration.MODULE:
         return registration.apply(module)
+    if module.__name__ == other_decoders.MODULE:
+        return other_decoders.apply(module)
     patch = Patch(module.__name__, ERA)
     try:
         if module.__name__ == CONTINUOUS_BATCHING:

@@ -1,0 +1,146 @@
+"""Which decoders beyond the four families autoflash serves, decided from the config when a model is built.
+
+A model transformers routes through its attention interface (``_supports_attention_backend``) is adopted
+when autoflash computes its attention exactly: a causal decoder whose every attention call is causal
+softmax attention over the keys its padding, packing and sliding window allow. What a config says beyond
+that keeps the model out (it then runs what transformers gives it, and ``autoflash doctor`` names the
+feature): soft-capped logits, attention sinks, chunked attention, query/key heads of another width than
+the value heads (multi-head latent attention), layers of another kind than full or sliding attention,
+cross-attention, an encoder's bidirectional attention, a composite model (its language model is built,
+and judged, as a model of its own).
+
+An adopted model runs autoflash per layer (padding removed inside each attention call); padding removal
+for the whole stack is wired for the families (``autoflash.families``) only. A call of an adopted model
+that autoflash was not taught still goes to transformers' attention (``autoflash.handover``).
+
+Imported when transformers builds a model: no torch here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import sys
+import threading
+from typing import Dict, Optional
+
+from autoflash.families import BY_NAME as FAMILIES
+from autoflash.settings import FAMILIES_VARIABLE, settings
+
+PER_LAYER = (f"per layer (padding removal for the whole stack is wired for {', '.join(FAMILIES)} only)")
+ATTENTION_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
+# What a model's code shows that no config field says, read once per modeling module: it hands attention
+# sinks to the attention function (gpt-oss: ``s_aux``), or reads the attention mask as the 4-D tensor
+# transformers' own mask functions build (autoflash's mask function returns a 2-D one at most).
+SOURCE_FEATURES = (
+    ("attention sinks", re.compile(r"\b(s_aux|sinks)=")),
+    ("its code reads the attention mask as a 4-D tensor", re.compile(r"attention_mask\[[^\]\n]*,[^\]\n]*,[^\]\n]*,")),
+)
+
+_lock = threading.Lock()
+_decisions: Dict[str, str] = {}  # model type -> "adopted: ..." or "not adopted: <why>", for doctor
+
+
+def why_not_adopted(model_class, config) -> Optional[str]:
+    """None where a model of ``model_class`` and ``config`` is served by autoflash exactly; else the feature
+    (or the admin's setting) that keeps it out."""
+    model_type = getattr(config, "model_type", "") or ""
+    if not getattr(model_class, "_supports_attention_backend", False):
+        return "its attention is not on transformers' attention interface"
+    if not settings().adopts(model_type):
+        return f"left out by {FAMILIES_VARIABLE}"
+    if getattr(config, "sub_configs", None):
+        return "a composite model: its language model is judged as a model of its own"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder"
+    decoder = _decoder_types()
+    if decoder is not None and model_type not in decoder:
+        return "not a causal language model in transformers' registry"
+    if _is_encoder(config):
+        return "an encoder (bidirectional attention; causal only where configured as a decoder)"
+    if getattr(config, "add_cross_attention", False):
+        return "cross-attention"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "soft-capped attention logits (attn_logit_softcapping)"
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return "chunked attention (attention_chunk_size)"
+    widths = _head_widths(config)
+    if widths is not None:
+        return f"query/key heads {widths[0]} wide and value heads {widths[1]} (multi-head latent attention)"
+    kinds = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_KINDS)
+    if kinds:
+        return f"layers of kind {', '.join(kinds)}"
+    return _seen_in_source(model_class.__module__)
+
+
+def decide(model_class, config) -> bool:
+    """Whether to adopt; the answer is kept per model type for doctor. Never raises: it runs inside the
+    model's constructor."""
+    try:
+        why = why_not_adopted(model_class, config)
+    except Exception as exc:  # noqa: BLE001 - a config read otherwise than autoflash expects: left alone
+        why = f"its config could not be read as autoflash expects ({type(exc).__name__}: {str(exc)[:120]})"
+    model_type = getattr(config, "model_type", "") or type(config).__name__
+    with _lock:
+        _decisions[model_type] = f"adopted: {PER_LAYER}" if why is None else f"not adopted: {why}"
+    return why is None
+
+
+def decisions() -> Dict[str, str]:
+    with _lock:
+        return dict(sorted(_decisions.items()))
+
+
+def forget() -> None:
+    with _lock:
+        _decisions.clear()
+
+
+def _is_encoder(config) -> bool:
+    """BERT and its kin: attention is bidirectional unless the config makes the model a decoder (even then
+    its mask is built otherwise than a decoder's). Their configs carry both of these switches."""
+    masked = _masked_lm_types()
+    if masked is not None and getattr(config, "model_type", None) in masked:
+        return True
+    return hasattr(config, "is_decoder") and hasattr(config, "add_cross_attention")
+
+
+def _head_widths(config):
+    """(query/key width, value width) where they differ, else None."""
+    value = getattr(config, "v_head_dim", None)
+    query = getattr(config, "qk_head_dim", None)
+    if query is None and getattr(config, "qk_nope_head_dim", None) is not None:
+        query = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", None) or 0)
+    if value is None or query is None or value == query:
+        return None
+    return query, value
+
+
+@functools.lru_cache(maxsize=None)
+def _seen_in_source(module_name: str) -> Optional[str]:
+    """The first of SOURCE_FEATURES the modeling module's code shows, else None."""
+    module = sys.modules.get(module_name)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return None
+    return next((feature for feature, pattern in SOURCE_FEATURES if pattern.search(source)), None)
+
+
+@functools.lru_cache(maxsize=1)
+def _decoder_types():
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return None
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+@functools.lru_cache(maxsize=1)
+def _masked_lm_types():
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:
+        return None
+    return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)

@@ -1,0 +1,209 @@
+"""Every causal language model in transformers' registry, tiny and random (``tests/_decoders.py``), on its
+default path against its own eager attention (float32, CPU): a model autoflash adopts matches eager in its
+training step (logits, loss with the router's auxiliary loss, gradients) on right- and left-padded batches
+and on a packed row, and decodes the same greedy tokens; a model it does not adopt keeps transformers' choice,
+says which feature kept it out, and answers as transformers does.
+
+The four families (LLaMA, Qwen2, Qwen3, Mistral) are patched by their own records (``test_families.py``);
+here they are the reference for what every other decoder gets per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import autoflash
+from autoflash import families, handover
+from _decoders import TOO_LARGE, causal_lm, causal_lm_types, parameters_on_meta, tiny_config
+from _subprocess import run_python
+from conftest import FLOAT32_RTOL, labels_for, modern_era, padding_mask, relative_error, worst_gradient_error
+
+pytestmark = pytest.mark.skipif(not modern_era(), reason="other decoders are adopted from the attention-interface "
+                                                         "era on (transformers' mask-function registry)")
+TYPES = causal_lm_types() if modern_era() else []
+# what keeps a model out, for models whose configs hold the feature at their defaults or where told to
+NOT_ADOPTED = {
+    "gemma2": ({}, "soft-capped attention logits"),
+    "gpt_oss": ({}, "attention sinks"),
+    "llama4_text": ({"attention_chunk_size": 8}, "chunked attention"),
+    "deepseek_v3": ({"v_head_dim": 8}, "query/key heads 16 wide and value heads 8"),
+    "bert": ({}, "an encoder"),
+}
+
+
+# adopted models whose attention layers are not handed the position ids (so packed sequences look like one)
+SEQUENCES_UNSEEN = {"ctrl", "gpt_bigcode", "persimmon"}
+
+
+def pair(model_type, **overrides):
+    """(default model, eager model) of ``model_type`` with identical random weights; skipped where the tiny
+    config does not build or eager itself cannot run it (a model type that needs more than sizes)."""
+    try:
+        config = tiny_config(model_type, **overrides)
+    except Exception as exc:  # noqa: BLE001 - a model type the tiny sizes do not fit
+        pytest.skip(f"{model_type} does not build from a tiny config: {type(exc).__name__}: {str(exc)[:200]}")
+    if getattr(config, "sub_configs", None):
+        pytest.skip(f"{model_type} is composite: its language model is tested as a model type of its own")
+    try:
+        size = parameters_on_meta(config)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"{model_type} does not build from a tiny config: {type(exc).__name__}: {str(exc)[:200]}")
+    if size >= TOO_LARGE:
+        pytest.skip(f"{model_type}'s config keeps {size:,} parameters with the tiny sizes (a size field of its own)")
+    try:
+        torch.manual_seed(0)
+        fast = causal_lm(copy.deepcopy(config))
+        eager_config = copy.deepcopy(config)
+        eager_config._attn_implementation = "eager"
+        eager = causal_lm(eager_config)
+        eager.load_state_dict(fast.state_dict())
+        ids = torch.randint(3, 100, (2, 6))
+        eager(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as exc:  # noqa: BLE001 - a model type the tiny sizes do not fit
+        pytest.skip(f"{model_type} does not run from a tiny config: {type(exc).__name__}: {str(exc)[:200]}")
+    return fast, eager
+
+
+def adopted(model) -> bool:
+    return model.config._attn_implementation == "autoattn"
+
+
+def batch(padding, seed=0):
+    mask = padding_mask([12, 7, 3], padding)
+    ids = torch.randint(3, 100, mask.shape, generator=torch.Generator().manual_seed(seed)).masked_fill(mask == 0, 0)
+    return ids, mask, labels_for(ids, mask)
+
+
+def step(model, **inputs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same_step(fast, eager, real, **inputs):
+    out, grads = step(fast, **inputs)
+    reference, reference_grads = step(eager, **inputs)
+    assert relative_error(out.logits[real], reference.logits[real]) < FLOAT32_RTOL
+    assert abs(out.loss.item() - reference.loss.item()) < FLOAT32_RTOL * max(1.0, abs(reference.loss.item()))
+    if getattr(reference, "aux_loss", None) is not None:
+        assert abs(out.aux_loss.item() - reference.aux_loss.item()) < FLOAT32_RTOL * max(1.0, reference.aux_loss.item())
+    error, name = worst_gradient_error(grads, reference_grads, floor=1e-4)
+    if error >= FLOAT32_RTOL:
+        # A gradient that is a long cancelling sum (a q/k norm's weight) can miss 1e-5 by float32 rounding alone:
+        # then autoflash may be no further from eager than transformers' own sdpa is on the same step.
+        sdpa_error, _ = worst_gradient_error(step(transformers_sdpa(eager), **inputs)[1], reference_grads, floor=1e-4)
+        assert error <= sdpa_error * 1.01 and error < 10 * FLOAT32_RTOL, (name, error, sdpa_error)
+
+
+def transformers_sdpa(eager):
+    """A copy of ``eager`` on transformers' own sdpa (autoflash stepping aside for the request)."""
+    config = copy.deepcopy(eager.config)
+    config._attn_implementation = "sdpa"
+    with handover.passing_through():
+        model = causal_lm(config)
+    assert model.config._attn_implementation == "sdpa"
+    model.load_state_dict(eager.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_default_path_matches_eager_on_padded_batches_and_the_path_is_said(model_type):
+    fast, eager = pair(model_type)
+    decision = autoflash.status()["other_models"].get(fast.config.model_type)
+    if type(fast).__module__ in {family.module for family in families.FAMILIES}:
+        assert adopted(fast)  # a family's classes (InternLM 3, EXAONE, ... load as LLaMA): the family's path
+    elif adopted(fast):
+        assert decision.startswith("adopted: per layer")
+    else:
+        assert decision is None or decision.startswith("not adopted: "), decision
+    handed_before = calls_handed_over()
+    for padding in ("right", "left"):
+        ids, mask, labels = batch(padding)
+        assert_same_step(fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+    if adopted(fast):  # served by autoflash's own kernels, not handed back call by call
+        assert calls_handed_over() == handed_before
+
+
+def calls_handed_over() -> dict:
+    return {entry["call"]: entry["count"] for entry in handover.handed_over()}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_packed_row_keeps_its_sequences_apart_or_answers_as_transformers(model_type):
+    """Sequences packed in one row, position ids restarting at each: the training step of the same sequences
+    as a right-padded batch run by eager (logits at the same tokens, the loss over the same targets, the
+    gradients). Where the model's attention is not handed the position ids (Persimmon), autoflash cannot see
+    the boundaries: it then answers as transformers does on the packed row, which mixes the sequences too."""
+    fast, eager = pair(model_type)
+    lengths = [5, 7, 3]
+    mask = padding_mask(lengths, "right")
+    padded = torch.randint(3, 100, mask.shape, generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, 0)
+    real = mask.bool()
+    ids, positions = padded[real][None], torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    labels[0, torch.cumsum(torch.tensor(lengths), 0)[:-1]] = -100  # no target across a boundary
+    out, grads = step(fast, input_ids=ids, position_ids=positions, labels=labels)
+    apart, apart_grads = step(eager, input_ids=padded, attention_mask=mask, labels=labels_for(padded, mask))
+    if relative_error(out.logits[0], apart.logits[real]) >= FLOAT32_RTOL:
+        mixed, mixed_grads = step(eager, input_ids=ids, position_ids=positions, labels=labels)
+        assert relative_error(mixed.logits[0], apart.logits[real]) >= FLOAT32_RTOL, "transformers keeps them apart"
+        apart, apart_grads, real = mixed, mixed_grads, torch.ones(ids.shape, dtype=torch.bool)
+        assert not adopted(fast) or model_type in SEQUENCES_UNSEEN
+    assert relative_error(out.logits[0], apart.logits[real].reshape(out.logits[0].shape)) < FLOAT32_RTOL
+    assert abs(out.loss.item() - apart.loss.item()) < FLOAT32_RTOL * max(1.0, abs(apart.loss.item()))
+    error, name = worst_gradient_error(grads, apart_grads, floor=1e-4)
+    assert error < FLOAT32_RTOL, name
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_greedy_generation_is_token_identical(model_type):
+    fast, eager = pair(model_type, output_router_logits=False)  # (transformers' generate has no use for them)
+    ids, mask, _ = batch("left", seed=2)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        tokens = fast.eval().generate(input_ids=ids, attention_mask=mask, **settings)
+        reference = eager.eval().generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(tokens, reference)
+
+
+@pytest.mark.parametrize("model_type", sorted(NOT_ADOPTED))
+def test_a_model_autoflash_cannot_serve_exactly_keeps_transformers_choice_and_says_why(model_type):
+    if model_type not in TYPES:
+        pytest.skip(f"this transformers has no {model_type}")
+    overrides, why = NOT_ADOPTED[model_type]
+    fast, eager = pair(model_type, **overrides)
+    assert not adopted(fast)
+    assert why in autoflash.status()["other_models"][model_type]
+    ids, mask, labels = batch("right")
+    assert_same_step(fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def test_a_composite_model_is_judged_by_its_language_model():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from autoflash import adoption
+
+    assert adoption.why_not_adopted(LlavaForConditionalGeneration, LlavaConfig()).startswith("a composite model")
+
+
+def test_families_variable_narrows_adoption_to_the_model_types_listed():
+    code = """
+        import sys, json
+        sys.path.insert(0, "tests")
+        import autoflash
+        from _decoders import causal_lm, tiny_config
+        print(json.dumps({t: causal_lm(tiny_config(t)).config._attn_implementation for t in ("mixtral", "phi3", "llama")}))
+        print(json.dumps(autoflash.status()["other_models"]))
+    """
+    listed = run_python(code, env={"AUTOFLASH_FAMILIES": "mixtral"}).stdout.splitlines()
+    assert '"mixtral": "autoattn"' in listed[0] and '"phi3": "autoattn"' not in listed[0]
+    assert '"llama": "autoattn"' not in listed[0]
+    assert "left out by AUTOFLASH_FAMILIES" in listed[1]
+    everything = run_python(code).stdout.splitlines()  # a fresh process: adopted on the default path
+    assert everything[0].count('"autoattn"') == 3
