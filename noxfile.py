@@ -37,7 +37,9 @@ TESTS = ["tests/test_training_matches_eager.py", "tests/test_packed_sequences.py
          "tests/test_backend_choice.py", "tests/test_startup.py", "tests/test_never_worse.py",
          "tests/test_quiet_by_default.py", "tests/test_distributed.py", "tests/test_families.py",
          "tests/test_deterministic_backward.py", "tests/test_sdpa_by_sequence.py",
-         "tests/test_handed_to_transformers.py"]
+         "tests/test_handed_to_transformers.py",
+         # every causal LM of the release's registry against eager (skipped before the attention-interface era)
+         "tests/test_other_decoders.py"]
 
 
 @nox.session

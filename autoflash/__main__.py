@@ -1,4 +1,4 @@
-"""The command line: ``autoflash doctor [--json]`` and ``autoflash demo``."""
+"""The command line: ``autoflash doctor [--json]``, ``autoflash demo`` and ``autoflash models``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ def main(argv=None) -> int:
     demo = commands.add_parser("demo", help="train and decode a small random LLaMA with autoflash and with eager")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--new-tokens", type=int, default=20)
+    commands.add_parser("models", help="every causal language model in the installed transformers, and whether "
+                                       "autoflash serves it (whole model, per layer) or why not, as a Markdown table")
     args = parser.parse_args(argv)
+    if args.command == "models":
+        return _print_models()
     if args.command == "doctor":
         from autoflash import doctor as doctor_module
 
@@ -23,6 +27,22 @@ def main(argv=None) -> int:
     from autoflash import demo as demo_module
 
     return demo_module.run(seed=args.seed, new_tokens=args.new_tokens)
+
+
+def _print_models() -> int:
+    import logging
+    import warnings
+
+    import transformers
+
+    from autoflash import adoption
+
+    transformers.logging.set_verbosity_error()  # (each default config's own complaints are not the table's)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        print(adoption.registry_markdown(), end="")
+    return 0
 
 
 if __name__ == "__main__":

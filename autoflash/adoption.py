@@ -97,6 +97,46 @@ def forget() -> None:
         _decisions.clear()
 
 
+def registry_table() -> list:
+    """(model type, what autoflash does with it) for every causal language model in the installed transformers'
+    registry, judged on each type's default config (a checkpoint's config may differ: a window, a chunk size);
+    for ``autoflash models`` and the README's table. Imports every modeling module: seconds, not for hot paths."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from autoflash.families import BY_MODULE
+
+    rows = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            config = CONFIG_MAPPING[model_type]()
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        except Exception as exc:  # noqa: BLE001 - a type whose defaults do not build (or a missing dependency)
+            rows.append((model_type, f"not judged: its default config does not build ({type(exc).__name__})"))
+            continue
+        family = BY_MODULE.get(model_class.__module__)
+        if family is not None:
+            served = settings().adopts(family.name)
+            rows.append((model_type, f"whole model ({family.name} family)" if served else
+                         f"not served: left out by {FAMILIES_VARIABLE}"))
+            continue
+        try:
+            why = why_not_adopted(model_class, config)
+        except Exception as exc:  # noqa: BLE001
+            why = f"its config could not be read as autoflash expects ({type(exc).__name__})"
+        rows.append((model_type, "per layer" if why is None else f"not served: {why}"))
+    return rows
+
+
+def registry_markdown() -> str:
+    """``registry_table`` as the Markdown table the README holds."""
+    import transformers
+
+    lines = [f"| model type (transformers {transformers.__version__}) | autoflash |", "|---|---|"]
+    lines += [f"| {model_type} | {what} |" for model_type, what in registry_table()]
+    return "\n".join(lines) + "\n"
+
+
 def _is_encoder(config) -> bool:
     """BERT and its kin: attention is bidirectional unless the config makes the model a decoder (even then
     its mask is built otherwise than a decoder's). Their configs carry both of these switches."""

@@ -11,6 +11,7 @@ here they are the reference for what every other decoder gets per layer.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from conftest import FLOAT32_RTOL, labels_for, modern_era, padding_mask, relativ
 pytestmark = pytest.mark.skipif(not modern_era(), reason="other decoders are adopted from the attention-interface "
                                                          "era on (transformers' mask-function registry)")
 TYPES = causal_lm_types() if modern_era() else []
+README_RELEASE = "5.25.0"
 # what keeps a model out, for models whose configs hold the feature at their defaults or where told to
 NOT_ADOPTED = {
     "gemma2": ({}, "soft-capped attention logits"),
@@ -190,6 +192,22 @@ def test_a_composite_model_is_judged_by_its_language_model():
     from autoflash import adoption
 
     assert adoption.why_not_adopted(LlavaForConditionalGeneration, LlavaConfig()).startswith("a composite model")
+
+
+def test_the_readmes_model_table_is_what_autoflash_adopts():
+    import transformers
+
+    from autoflash import adoption
+
+    if transformers.__version__ != README_RELEASE:
+        pytest.skip(f"the README's table is of transformers {README_RELEASE}")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- models table: begin -->\n")[1].split("<!-- models table: end -->")[0]
+    assert table == adoption.registry_markdown(), "regenerate it: autoflash models"
+    kinds = [row.strip("| ").split(" | ")[1].split(" (")[0].split(":")[0] for row in table.splitlines()[2:]]
+    summary = (f"{kinds.count('whole model')} whole model, {kinds.count('per layer')} per layer, "
+               f"{kinds.count('not served')} not served, {kinds.count('not judged')} not judged")
+    assert f"transformers {README_RELEASE}: {summary}</summary>" in readme
 
 
 def test_families_variable_narrows_adoption_to_the_model_types_listed():
