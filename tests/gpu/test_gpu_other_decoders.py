@@ -1,0 +1,76 @@
+"""Decoders adopted beyond the families (``autoflash.adoption``), per layer on the GPU, in bf16 and fp16, against
+float32 eager: a training step on padded batches, judged as every half-precision path is (test_gpu_paths.py:
+below 1e-2, or at most twice eager's own error in that dtype plus 2e-3), served by a flash kernel and not
+handed back to transformers. Windows are longer than the sequences here (a binding window is served by SDPA's
+mask on the same path as the families': test_gpu_paths.py), so every call reaches a flash kernel.
+
+    python -m pytest -q tests/gpu/test_gpu_other_decoders.py
+"""
+
+import copy
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device here", allow_module_level=True)
+
+from autoflash import dispatch, handover
+from _decoders import causal_lm, causal_lm_types, tiny_config
+from conftest import labels_for, modern_era, padding_mask, relative_error, train_step
+
+if not modern_era():
+    pytest.skip("other decoders are adopted from the attention-interface era on", allow_module_level=True)
+
+# a mixture of experts with a window, a fused qkv projection, sliding and global layers with their own scaling,
+# q/k norms, biases and a window, a routed MoE, attention multipliers
+SUBJECTS = ["mixtral", "phi3", "gemma3_text", "olmo2", "starcoder2", "qwen3_moe", "granite"]
+GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 vocab_size=1000)
+WINDOW = 512  # longer than the sequences below
+
+
+def _within_floor(error, eager_error):
+    return error < 1e-2 or error <= 2 * eager_error + 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 1]), ("left", [64, 255, 3, 200])])
+@pytest.mark.parametrize("model_type", SUBJECTS)
+def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eager(model_type, side, lengths, dtype):
+    if model_type not in causal_lm_types():
+        pytest.skip(f"this transformers has no {model_type}")
+    config = tiny_config(model_type, **GPU_SIZES)
+    if hasattr(config, "sliding_window"):
+        config.sliding_window = WINDOW
+    torch.manual_seed(0)
+    fast = causal_lm(copy.deepcopy(config)).cuda()
+    assert fast.config._attn_implementation == "autoattn", "not adopted"
+    eager_config = copy.deepcopy(config)
+    eager_config._attn_implementation = "eager"
+    eager32 = causal_lm(eager_config).cuda()
+    eager32.load_state_dict(fast.state_dict())
+    eager_half = copy.deepcopy(eager32).to(dtype)
+    fast = fast.to(dtype)
+    for model in (fast, eager32, eager_half):
+        model.train()
+    mask = padding_mask(lengths, side, device="cuda")
+    ids = torch.randint(3, 1000, mask.shape, device="cuda").masked_fill(mask == 0, 0)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    handed = {entry["call"]: entry["count"] for entry in handover.handed_over()}
+    dispatch.last_decisions.clear()
+    logits, grads = train_step(fast, **inputs)
+    assert {entry["call"]: entry["count"] for entry in handover.handed_over()} == handed, "handed back"
+    used = {kind: decision.backend for kind, decision in dispatch.last_decisions.items()}
+    assert used and any(backend != "sdpa" for backend in used.values()), used  # a flash kernel served it
+    reference, reference_grads = train_step(eager32, **inputs)
+    half, half_grads = train_step(eager_half, **inputs)
+    real = mask.bool()
+    error = relative_error(logits[real].float(), reference[real])
+    floor = relative_error(half[real].float(), reference[real])
+    gradient_error = max(relative_error(grads[n].float(), reference_grads[n]) for n in reference_grads)
+    gradient_floor = max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads)
+    print(f"{model_type} {side} {str(dtype)[6:]} {used}: logits {error:.2e} (eager {floor:.2e}), "
+          f"gradients {gradient_error:.2e} (eager {gradient_floor:.2e})")
+    assert _within_floor(error, floor), f"logits {error:.2e} vs eager-{dtype} floor {floor:.2e}"
+    assert _within_floor(gradient_error, gradient_floor), f"gradients {gradient_error:.2e} vs {gradient_floor:.2e}"
