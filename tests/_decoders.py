@@ -16,7 +16,7 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              # mixtures of experts: several experts per token, the router's auxiliary loss in the loss
              moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
              n_shared_experts=1, shared_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-             output_router_logits=True, router_jitter_noise=0.0,
+             moe_num_experts=4, moe_k=2, output_router_logits=True, router_jitter_noise=0.0,
              # multi-head latent attention
              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16)
 # a sliding window longer than the test batches (a binding window is tested on its own)
