@@ -54,7 +54,7 @@ def why_not_adopted(model_class, config) -> Optional[str]:
         return "a composite model: its language model is judged as a model of its own"
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder"
-    decoder = _decoder_types()
+    decoder = _registry_types("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
     if decoder is not None and model_type not in decoder:
         return "not a causal language model in transformers' registry"
     if _is_encoder(config):
@@ -74,13 +74,17 @@ def why_not_adopted(model_class, config) -> Optional[str]:
     return _seen_in_source(model_class.__module__)
 
 
-def decide(model_class, config) -> bool:
-    """Whether to adopt; the answer is kept per model type for doctor. Never raises: it runs inside the
-    model's constructor."""
+def _judged(model_class, config) -> Optional[str]:
+    """``why_not_adopted``, never raising: it runs inside the model's constructor."""
     try:
-        why = why_not_adopted(model_class, config)
+        return why_not_adopted(model_class, config)
     except Exception as exc:  # noqa: BLE001 - a config read otherwise than autoflash expects: left alone
-        why = f"its config could not be read as autoflash expects ({type(exc).__name__}: {str(exc)[:120]})"
+        return f"its config could not be read as autoflash expects ({type(exc).__name__})"
+
+
+def decide(model_class, config) -> bool:
+    """Whether to adopt; the answer is kept per model type for doctor."""
+    why = _judged(model_class, config)
     model_type = getattr(config, "model_type", "") or type(config).__name__
     with _lock:
         _decisions[model_type] = f"adopted: {PER_LAYER}" if why is None else f"not adopted: {why}"
@@ -90,11 +94,6 @@ def decide(model_class, config) -> bool:
 def decisions() -> Dict[str, str]:
     with _lock:
         return dict(sorted(_decisions.items()))
-
-
-def forget() -> None:
-    with _lock:
-        _decisions.clear()
 
 
 def registry_table() -> list:
@@ -120,10 +119,7 @@ def registry_table() -> list:
             rows.append((model_type, f"whole model ({family.name} family)" if served else
                          f"not served: left out by {FAMILIES_VARIABLE}"))
             continue
-        try:
-            why = why_not_adopted(model_class, config)
-        except Exception as exc:  # noqa: BLE001
-            why = f"its config could not be read as autoflash expects ({type(exc).__name__})"
+        why = _judged(model_class, config)
         rows.append((model_type, "per layer" if why is None else f"not served: {why}"))
     return rows
 
@@ -140,7 +136,7 @@ def registry_markdown() -> str:
 def _is_encoder(config) -> bool:
     """BERT and its kin: attention is bidirectional unless the config makes the model a decoder (even then
     its mask is built otherwise than a decoder's). Their configs carry both of these switches."""
-    masked = _masked_lm_types()
+    masked = _registry_types("MODEL_FOR_MASKED_LM_MAPPING_NAMES")
     if masked is not None and getattr(config, "model_type", None) in masked:
         return True
     return hasattr(config, "is_decoder") and hasattr(config, "add_cross_attention")
@@ -168,19 +164,12 @@ def _seen_in_source(module_name: str) -> Optional[str]:
     return next((feature for feature, pattern in SOURCE_FEATURES if pattern.search(source)), None)
 
 
-@functools.lru_cache(maxsize=1)
-def _decoder_types():
+@functools.lru_cache(maxsize=None)
+def _registry_types(mapping: str):
+    """The model types of one of transformers' auto-class registries, or None where this release has none."""
     try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto import modeling_auto
     except ImportError:
         return None
-    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-@functools.lru_cache(maxsize=1)
-def _masked_lm_types():
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    except ImportError:
-        return None
-    return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    names = getattr(modeling_auto, mapping, None)
+    return None if names is None else frozenset(names)

@@ -170,6 +170,12 @@ def gradient_penalty_under_math(model, ids, mask):
     return penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
 
+def within_half_precision_floor(error, eager_error) -> bool:
+    """How a half-precision path is judged against float32 eager (../shared/FINDINGS.md item 5): below 1e-2, or
+    at most twice eager's own error in the same dtype on the same case, plus 2e-3."""
+    return error < 1e-2 or error <= 2 * eager_error + 2e-3
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

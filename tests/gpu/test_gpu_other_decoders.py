@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 from autoflash import dispatch, handover
 from _decoders import causal_lm, causal_lm_types, tiny_config
-from conftest import labels_for, modern_era, padding_mask, relative_error, train_step
+from conftest import labels_for, modern_era, padding_mask, relative_error, train_step, within_half_precision_floor
 
 if not modern_era():
     pytest.skip("other decoders are adopted from the attention-interface era on", allow_module_level=True)
@@ -28,10 +28,6 @@ SUBJECTS = ["mixtral", "phi3", "gemma3_text", "olmo2", "starcoder2", "qwen3_moe"
 GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  vocab_size=1000)
 WINDOW = 512  # longer than the sequences below
-
-
-def _within_floor(error, eager_error):
-    return error < 1e-2 or error <= 2 * eager_error + 2e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -72,5 +68,5 @@ def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eag
     gradient_floor = max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads)
     print(f"{model_type} {side} {str(dtype)[6:]} {used}: logits {error:.2e} (eager {floor:.2e}), "
           f"gradients {gradient_error:.2e} (eager {gradient_floor:.2e})")
-    assert _within_floor(error, floor), f"logits {error:.2e} vs eager-{dtype} floor {floor:.2e}"
-    assert _within_floor(gradient_error, gradient_floor), f"gradients {gradient_error:.2e} vs {gradient_floor:.2e}"
+    assert within_half_precision_floor(error, floor), f"logits {error:.2e} vs eager-{dtype} floor {floor:.2e}"
+    assert within_half_precision_floor(gradient_error, gradient_floor), f"gradients {gradient_error:.2e} vs {gradient_floor:.2e}"

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 from autoflash import backends, dispatch
 from conftest import (dynamic_cache, labels_for, last_path, legacy_era, model_pair, padding_mask, relative_error,
-                      static_cache_or_skip, train_step, whole_model_padding_removal)
+                      static_cache_or_skip, train_step, whole_model_padding_removal, within_half_precision_floor)
 
 HALF = [torch.bfloat16, torch.float16]
 BACKENDS = ["auto", "torch", "sdpa"] + (["flash_attn"] if not backends.FLASH_ATTN.unavailable_reasons() else [])
@@ -36,10 +36,6 @@ SHAPES = {  # head_dim 64 and 128, GQA 4:1 and 2:1
     "hd128": dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2),
 }
 RESULTS = []
-
-
-def _within_floor(error, eager_error):
-    return error < 1e-2 or error <= 2 * eager_error + 2e-3
 
 
 def _models(shape, dtype, seed=0, **overrides):
@@ -81,8 +77,8 @@ def test_training_step_half_precision_matches_float32_eager(stack, backend, dtyp
     assert torch.isfinite(logits).all()
     if backend != "auto":
         assert used.backend == backend
-    assert _within_floor(err, floor), f"logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
-    assert _within_floor(gerr, gfloor), f"gradients {gerr:.2e} vs eager-{dtype} floor {gfloor:.2e}"
+    assert within_half_precision_floor(err, floor), f"logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
+    assert within_half_precision_floor(gerr, gfloor), f"gradients {gerr:.2e} vs eager-{dtype} floor {gfloor:.2e}"
 
 
 @pytest.mark.parametrize("backend", TRAINING_BACKENDS)
@@ -115,7 +111,7 @@ def test_packed_rows_with_padding_half_precision(backend, dtype):
     floor = relative_error(half[one_per_row.bool()].float(), ref[one_per_row.bool()])
     RESULTS.append((f"packed hd128 {str(dtype)[6:]}", dispatch.last_decisions["varlen"].backend, err, floor,
                     float("nan"), float("nan")))
-    assert _within_floor(err, floor), f"packed logits {err:.2e} vs floor {floor:.2e}"
+    assert within_half_precision_floor(err, floor), f"packed logits {err:.2e} vs floor {floor:.2e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,7 +185,7 @@ def test_flash_attention_4_prefill_into_a_cache_matches_float32_eager(dtype):
     err, floor = relative_error(logits[real].float(), ref[real]), relative_error(half[real].float(), ref[real])
     RESULTS.append((f"prefill left {str(dtype)[6:]}", used.backend, err, floor, float("nan"), float("nan")))
     assert used.backend == "flash_attn_4"
-    assert _within_floor(err, floor), f"prefill logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
+    assert within_half_precision_floor(err, floor), f"prefill logits {err:.2e} vs eager-{dtype} floor {floor:.2e}"
 
 
 @pytest.mark.skipif(not FA4, reason="FlashAttention-4 not available here")
@@ -375,7 +371,7 @@ def test_compiled_training_step_keeps_the_layer_stack_in_one_graph(backend):
     RESULTS.append((f"compiled train graphs {graphs[2]}/{graphs[4]}", backend, err, floor, float("nan"),
                     float("nan")))
     assert graphs[2] == graphs[4], graphs
-    assert _within_floor(err, floor), f"compiled loss {err:.2e} vs floor {floor:.2e}"
+    assert within_half_precision_floor(err, floor), f"compiled loss {err:.2e} vs floor {floor:.2e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
