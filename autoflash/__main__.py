@@ -35,13 +35,13 @@ def _print_models() -> int:
 
     import transformers
 
-    from autoflash import adoption
+    from autoflash import models_table
 
     transformers.logging.set_verbosity_error()  # (each default config's own complaints are not the table's)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        print(adoption.registry_markdown(), end="")
+        print(models_table.registry_markdown(), end="")
     return 0
 
 

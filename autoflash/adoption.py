@@ -9,8 +9,8 @@ the value heads (multi-head latent attention), layers of another kind than full 
 cross-attention, an encoder's bidirectional attention, a composite model (its language model is built,
 and judged, as a model of its own).
 
-An adopted model runs autoflash per layer (padding removed inside each attention call); padding removal
-for the whole stack is wired for the families (``autoflash.families``) only. A call of an adopted model
+An adopted model has padding removed for its whole stack where its classes take autoflash's wrappers
+(``patches/other_decoders.py``), else inside each attention call (per layer). A call of an adopted model
 that autoflash was not taught still goes to transformers' attention (``autoflash.handover``).
 
 Imported when transformers builds a model: no torch here.
@@ -28,7 +28,7 @@ from typing import Dict, Optional
 from autoflash.families import BY_NAME as FAMILIES
 from autoflash.settings import FAMILIES_VARIABLE, settings
 
-PER_LAYER = (f"per layer (padding removal for the whole stack is wired for {', '.join(FAMILIES)} only)")
+WHOLE_MODEL, PER_LAYER = "whole model", "per layer"
 ATTENTION_LAYER_KINDS = frozenset({"full_attention", "sliding_attention"})
 # What a model's code shows that no config field says, read once per modeling module: it hands attention
 # sinks to the attention function (gpt-oss: ``s_aux``), or reads the attention mask as the 4-D tensor
@@ -74,7 +74,7 @@ def why_not_adopted(model_class, config) -> Optional[str]:
     return _seen_in_source(model_class.__module__)
 
 
-def _judged(model_class, config) -> Optional[str]:
+def judged(model_class, config) -> Optional[str]:
     """``why_not_adopted``, never raising: it runs inside the model's constructor."""
     try:
         return why_not_adopted(model_class, config)
@@ -84,53 +84,28 @@ def _judged(model_class, config) -> Optional[str]:
 
 def decide(model_class, config) -> bool:
     """Whether to adopt; the answer is kept per model type for doctor."""
-    why = _judged(model_class, config)
+    why = judged(model_class, config)
     model_type = getattr(config, "model_type", "") or type(config).__name__
-    with _lock:
-        _decisions[model_type] = f"adopted: {PER_LAYER}" if why is None else f"not adopted: {why}"
+    if why is not None:
+        with _lock:
+            _decisions[model_type] = f"not adopted: {why}"
     return why is None
+
+
+def path_said(why_not_whole_model: Optional[str]) -> str:
+    """How an adopted model runs, in doctor's and the README's words."""
+    return WHOLE_MODEL if why_not_whole_model is None else f"{PER_LAYER} ({why_not_whole_model})"
+
+
+def record_path(model_type: str, why_not_whole_model: Optional[str]) -> None:
+    """An adopted model type, and whether its padding is removed for the whole stack (else why not)."""
+    with _lock:
+        _decisions[model_type] = f"adopted: {path_said(why_not_whole_model)}"
 
 
 def decisions() -> Dict[str, str]:
     with _lock:
         return dict(sorted(_decisions.items()))
-
-
-def registry_table() -> list:
-    """(model type, what autoflash does with it) for every causal language model in the installed transformers'
-    registry, judged on each type's default config (a checkpoint's config may differ: a window, a chunk size);
-    for ``autoflash models`` and the README's table. Imports every modeling module: seconds, not for hot paths."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from autoflash.families import BY_MODULE
-
-    rows = []
-    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        try:
-            config = CONFIG_MAPPING[model_type]()
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        except Exception as exc:  # noqa: BLE001 - a type whose defaults do not build (or a missing dependency)
-            rows.append((model_type, f"not judged: its default config does not build ({type(exc).__name__})"))
-            continue
-        family = BY_MODULE.get(model_class.__module__)
-        if family is not None:
-            served = settings().adopts(family.name)
-            rows.append((model_type, f"whole model ({family.name} family)" if served else
-                         f"not served: left out by {FAMILIES_VARIABLE}"))
-            continue
-        why = _judged(model_class, config)
-        rows.append((model_type, "per layer" if why is None else f"not served: {why}"))
-    return rows
-
-
-def registry_markdown() -> str:
-    """``registry_table`` as the Markdown table the README holds."""
-    import transformers
-
-    lines = [f"| model type (transformers {transformers.__version__}) | autoflash |", "|---|---|"]
-    lines += [f"| {model_type} | {what} |" for model_type, what in registry_table()]
-    return "\n".join(lines) + "\n"
 
 
 def _is_encoder(config) -> bool:

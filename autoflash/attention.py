@@ -76,16 +76,20 @@ def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_
     layer, in eager Python (``unpad_model``): each layer then only runs that backend (``attention_forward``),
     with no graph break per layer in a compiled model. ``needs_grad`` and ``training``: the forward's, which
     hold for each of its layers. A layer whose call differs (a dtype or head count of its own) takes the
-    general path."""
+    general path. (None, "") where the config states no sizes for every layer: each call then decides."""
     dtype = hidden_dtype
     if device.type == "cuda" and dtype == torch.float32:
         dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    try:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        dropout = float(getattr(config, "attention_dropout", 0.0) if training else 0.0)
+    except Exception:  # noqa: BLE001 - sizes that vary by layer (Gemma 4's config refuses a global read)
+        return None, ""  # each layer's call decides for itself
     call = AttentionCall(
         kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
-        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=row.q_len,
-        kv_len=row.q_len, dropout=float(getattr(config, "attention_dropout", 0.0) if training else 0.0), causal=True,
+        num_heads=heads, num_kv_heads=kv_heads, q_len=row.q_len, kv_len=row.q_len, dropout=dropout, causal=True,
         needs_grad=needs_grad, deterministic=_deterministic(needs_grad, training))
     return call, dispatch.pick(call, device)
 

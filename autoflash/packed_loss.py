@@ -120,6 +120,9 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     if layout.kind == "varlen" and layout.total == 0:
         return _padded_logits(module, "no real token in the batch (every position is padding)", original, args,
                               kwargs)
+    why = unpad_model.why_cache_keeps_padding(module, family, call, layout)
+    if why is not None:  # (the decoder, called padded, records the same reason for its layers)
+        return _padded_logits(module, why, original, args, kwargs)
     tuple_wanted = unpad_model.wants_tuple(module, call)
     targets = pack(shift_labels, layout)  # (1, real tokens): what each real token is scored against
     if release.as_kwargs:
@@ -147,6 +150,7 @@ def _models_own_forward(original, module, call, layout, targets):
     if call.get("shift_labels") is not None:  # the caller's own targets, taken as they are
         given["shift_labels"] = targets
     out = original(module, **given)
+    unpad_model.repad_router_logits(out, layout)  # (its auxiliary loss, computed on the real tokens, is in out)
     fields = {k: out.get(k) for k in out.keys()}
     return _with_padded_logits_on_read(type(out), fields, layout)
 

@@ -44,6 +44,7 @@ from autoflash.settings import UNPAD_MODEL_VARIABLE, say_once, settings
 
 WHOLE_MODEL = "whole-model"
 PER_LAYER = "per-layer"
+ROUTER_LOGITS = "router_logits"  # a mixture of experts' output: one (tokens, experts) tensor per layer
 
 
 # State of the forward in progress, for the eras whose model code passes nothing on to attention.
@@ -138,6 +139,23 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
     return None
 
 
+def why_cache_keeps_padding(module, family, kwargs, layout: Layout) -> Optional[str]:
+    """(``module``: the decoder or its causal LM: their config is read.) None where the cache a packed forward returns can be laid out as the padded batch's; else why not: a sliding
+    window's cache layer keeps the window's last tokens of the row, which are not each row's own (eager's cache of
+    rows no longer than the window keeps every token)."""
+    window = family.window(module.config)
+    if window is None:
+        return None
+    use_cache = kwargs.get("use_cache")
+    if not (use_cache if use_cache is not None else getattr(module.config, "use_cache", False)):
+        return None
+    tokens = layout.total if layout.indices is not None else layout.batch * layout.q_len
+    if tokens <= window:
+        return None
+    return (f"the cache it returns would keep {window} of the packed row's {tokens} tokens (a sliding window); "
+            "pass use_cache=False to keep the saving")
+
+
 def wants_tuple(module, kwargs) -> bool:
     """Whether the caller asked for a tuple (``return_dict=False``, by argument or by the config)."""
     return_dict = kwargs.get("return_dict")
@@ -160,12 +178,33 @@ def check_mask_shape(source, attention_mask, kwargs, release: "Release") -> None
 
 
 def zero_padded_positions(out, attention_mask):
-    """The per-layer path's hidden states with zeros on padding, as the whole-model path returns them:
-    padded positions hold zeros on every path (their values are not defined by any implementation)."""
+    """The per-layer path's hidden states (and a mixture of experts' router logits) with zeros on padding, as the
+    whole-model path returns them: padded positions hold zeros on every path (their values are not defined by any
+    implementation)."""
     real = attention_mask.to(device=out["last_hidden_state"].device, dtype=torch.bool)[:, :, None]
     out["last_hidden_state"] = out["last_hidden_state"].masked_fill(~real, 0)
     if out.get("hidden_states") is not None:
         out["hidden_states"] = tuple(None if h is None else h.masked_fill(~real, 0) for h in out["hidden_states"])
+    if out.get(ROUTER_LOGITS) is not None:
+        flat = real.reshape(-1, 1)
+        out[ROUTER_LOGITS] = tuple(t.masked_fill(~flat, 0) if _per_token(t, flat.shape[0]) else t
+                                   for t in out[ROUTER_LOGITS])
+    return out
+
+
+def _per_token(t, tokens: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == tokens
+
+
+def repad_router_logits(out, layout: Layout):
+    """A mixture of experts' router logits of the packed row (one (real tokens, experts) tensor per layer) in the
+    padded layout transformers returns them in, (batch * length, experts), zeros on padding. Its auxiliary loss is
+    computed before, on the real tokens only (``autoflash.packed_loss``)."""
+    if out.get(ROUTER_LOGITS) is not None:
+        tokens = layout.batch * layout.q_len
+        out[ROUTER_LOGITS] = tuple(scatter(t[None], layout).reshape(tokens, t.shape[-1])
+                                   if _per_token(t, layout.total if layout.indices is not None else tokens) else t
+                                   for t in out[ROUTER_LOGITS])
     return out
 
 
@@ -212,14 +251,18 @@ class Release:
     as_kwargs: bool = True
     lost_under_checkpointing: bool = False
     mask_for_packed_row: bool = True
+    # False for a decoder autoflash adopted rather than was taught (``autoflash.adoption``): whether its code
+    # passes every keyword on to attention is not known, so the boundaries are published as well, and a traced
+    # forward (where nothing can be published) keeps its padding
+    keywords_reach_attention: bool = True
 
     def cache_passed(self, kwargs) -> bool:
         return any(kwargs.get(name) is not None for name in self.cache_names)
 
     def published(self, decoder) -> bool:
         """Whether a packed forward of ``decoder`` must publish its boundaries."""
-        return not self.as_kwargs or (self.lost_under_checkpointing and getattr(decoder, "gradient_checkpointing",
-                                                                                False) and decoder.training)
+        return not self.as_kwargs or not self.keywords_reach_attention or (
+            self.lost_under_checkpointing and getattr(decoder, "gradient_checkpointing", False) and decoder.training)
 
 
 def wrap(original, model_class, family, attention_name, release: Release):
@@ -280,6 +323,10 @@ def wrap(original, model_class, family, attention_name, release: Release):
         if layout.kind == "varlen" and layout.total == 0:
             record(PER_LAYER, "no real token in the batch (every position is padding)")
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
+        reason = None if given is not None else why_cache_keeps_padding(self, family, kwargs, layout)
+        if reason is not None:
+            record(PER_LAYER, reason)
+            return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
         record(WHOLE_MODEL, None)
         tuple_wanted = wants_tuple(self, kwargs)
         out = packed_forward(original, self, input_ids, position_ids, {**kwargs, "return_dict": True}, layout,
@@ -287,6 +334,7 @@ def wrap(original, model_class, family, attention_name, release: Release):
         return out.to_tuple() if tuple_wanted else out
 
     forward.__wrapped__ = original
+    forward.autoflash_whole_model = True  # (a class is wired once: patches/whole_model.py checks it)
     return forward
 
 
@@ -364,7 +412,7 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, re
     forward = Forward(layout, packed=True, row=row)
     if release.as_kwargs:
         kwargs.update(boundaries)  # (transformers' own code reads them: its mask, a hand-over's flash)
-        hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.embed_tokens.weight.dtype
+        hidden_dtype = inputs_embeds.dtype if inputs_embeds is not None else module.get_input_embeddings().weight.dtype
         # (whether gradients are on, and so whether a deterministic backward is asked for: the forward's,
         # for every layer)
         call, backend = decide_row(row, module.config, device, hidden_dtype, module.training, torch.is_grad_enabled())
@@ -373,8 +421,9 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, re
     with published(forward) if publish else contextlib.nullcontext():
         out = original(module, pack(input_ids, layout) if input_ids is not None else None, no_padding,
                        packed_positions, **kwargs)
-    if not packed_output:
+    if not packed_output:  # (a causal LM's own forward takes the row back: its loss reads it, then repads)
         out["last_hidden_state"] = scatter(out["last_hidden_state"], layout)
+        repad_router_logits(out, layout)
     if out.get("hidden_states") is not None:  # (layers not asked for, by a list of indices, are None)
         out["hidden_states"] = tuple(None if h is None else scatter(h, layout) for h in out["hidden_states"])
     for name in [k for k in release.cache_names if k in out.keys()]:

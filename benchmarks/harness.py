@@ -50,21 +50,35 @@ def sizes(smoke: bool) -> dict:
 # --family: the model built at the same sizes (Qwen2's config adds q/k/v biases by default)
 FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
                  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-                 # adopted decoders outside the families (autoflash.adoption): autoflash per layer
-                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}
+                 # adopted decoders outside the families (autoflash.adoption): whole model on 5.x
+                 "phi3": ("Phi3Config", "Phi3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+                 "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                 "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+# what a family's model needs beyond the shared sizes: the issue's shapes (Mixtral: 8 experts, top 2, on 2 layers;
+# Qwen3-MoE: 32 experts of a quarter of the MLP, top 4, on 2 layers; Gemma 3: its config's window, 4096, which no W1 sequence
+# passes: a binding window keeps a batch per layer until a flash kernel here applies one)
+FAMILY_EXTRA = {"mistral": lambda s: {"sliding_window": None},  # LLaMA's attention: no window
+                "qwen3": lambda s: {"head_dim": s["hidden"] // s["heads"]},
+                "mixtral": lambda s: {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+                                      "num_hidden_layers": min(s["layers"], 2)},
+                "qwen3_moe": lambda s: {"head_dim": s["hidden"] // s["heads"], "num_experts": 32,
+                                        "num_hidden_layers": min(s["layers"], 2),
+                                        "num_experts_per_tok": 4, "moe_intermediate_size": s["mlp"] // 4,
+                                        "decoder_sparse_step": 1, "mlp_only_layers": []},
+                "gemma3": lambda s: {"head_dim": s["hidden"] // s["heads"],
+                                     "query_pre_attn_scalar": s["hidden"] // s["heads"]}}
 
 
 def build_model(s, family: str = "llama"):
     import transformers
 
     config_name, model_name = FAMILY_MODELS[family]
-    extra = {"sliding_window": None} if family == "mistral" else {}  # LLaMA's attention: no window
-    if family == "qwen3":
-        extra["head_dim"] = s["hidden"] // s["heads"]
+    extra = FAMILY_EXTRA.get(family, lambda s: {})(s)
     config = getattr(transformers, config_name)(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], rope_theta=500000.0,
-        max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+        max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **{"num_hidden_layers": s["layers"], **extra})
     torch.manual_seed(0)
     with torch.device(s["device"]):
         model = getattr(transformers, model_name)(config)

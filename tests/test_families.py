@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import autoflash
-from autoflash import dispatch, families, hooks
+from autoflash import dispatch, families, hooks, unpad_model
 from conftest import (FLOAT32_RTOL, TINY, cache_keyword, dynamic_cache, expected_attention_name, labels_for,
                       last_path, patch_era, relative_error, static_cache_or_skip, train_step, worst_gradient_error)
 
@@ -147,6 +147,29 @@ def test_a_sliding_window_shorter_than_the_sequences_is_applied_in_training(name
     ids, mask, labels = _batch([64, 23, 40], PADDINGS[padding])
     _assert_training_matches(fast, eager, ids, mask, labels)
     assert last_path() == "per-layer"  # no kernel on the packed row applies a window yet (the reason says so)
+
+
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_a_cache_the_window_would_cut_on_the_packed_row_keeps_the_padding(name):
+    """Rows within the window whose packed row is longer than it: the cache a forward returns (use_cache, on by
+    default) keeps the window's last tokens of a row, which on the packed row are not each row's own. The forward
+    keeps its padding (and says why), and returns eager's cache; without a cache the saving is kept."""
+    fast, eager = family_pair(name, **WINDOWS[name])
+    ids, mask, labels = _batch([14, 9, 12], ["right", "left", "right"])
+    fast.eval(), eager.eval()
+    with torch.no_grad():
+        out = fast(input_ids=ids, attention_mask=mask)
+        reference = eager(input_ids=ids, attention_mask=mask)
+    assert last_path() == "per-layer"
+    assert "use_cache=False" in unpad_model.last_decision()["reason"]
+    real = mask.bool()
+    assert relative_error(out.logits[real], reference.logits[real]) < FLOAT32_RTOL
+    for mine, theirs in zip(out.past_key_values.layers, reference.past_key_values.layers):
+        assert relative_error(mine.keys.transpose(1, 2)[real], theirs.keys.transpose(1, 2)[real]) < FLOAT32_RTOL
+    _assert_training_matches(fast, eager, ids, mask, labels)  # (its loss too: logits and loss on the padded layout)
+    assert last_path() == "per-layer"
+    _assert_training_matches(fast, eager, ids, mask, labels, use_cache=False)
+    assert last_path() == "whole-model"
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

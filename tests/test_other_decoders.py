@@ -10,6 +10,7 @@ here they are the reference for what every other decoder gets per layer.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import autoflash
-from autoflash import families, handover
+from autoflash import families, handover, unpad_model
 from _decoders import TOO_LARGE, causal_lm, causal_lm_types, parameters_on_meta, tiny_config
 from _subprocess import run_python
 from conftest import FLOAT32_RTOL, labels_for, modern_era, padding_mask, relative_error, worst_gradient_error
@@ -79,6 +80,14 @@ def adopted(model) -> bool:
     return model.config._attn_implementation == "autoattn"
 
 
+def wrapped(model) -> bool:
+    """Whether autoflash's whole-model wrappers serve ``model`` (a family's, or an adopted model whose classes take
+    them): its padded positions hold zeros."""
+    families_modules = {family.module for family in families.FAMILIES}
+    decision = autoflash.status()["other_models"].get(model.config.model_type, "")
+    return adopted(model) and (type(model).__module__ in families_modules or decision == "adopted: whole model")
+
+
 def batch(padding, seed=0):
     mask = padding_mask([12, 7, 3], padding)
     ids = torch.randint(3, 100, mask.shape, generator=torch.Generator().manual_seed(seed)).masked_fill(mask == 0, 0)
@@ -127,18 +136,33 @@ def transformers_sdpa(eager):
 def test_the_default_path_matches_eager_on_padded_batches_and_the_path_is_said(model_type):
     fast, eager = pair(model_type)
     decision = autoflash.status()["other_models"].get(fast.config.model_type)
-    if type(fast).__module__ in {family.module for family in families.FAMILIES}:
+    family = type(fast).__module__ in {family.module for family in families.FAMILIES}
+    if family:
         assert adopted(fast)  # a family's classes (InternLM 3, EXAONE, ... load as LLaMA): the family's path
     elif adopted(fast):
-        assert decision.startswith("adopted: per layer")
+        assert decision == "adopted: whole model" or decision.startswith("adopted: per layer ("), decision
     else:
         assert decision is None or decision.startswith("not adopted: "), decision
     handed_before = calls_handed_over()
     for padding in ("right", "left"):
         ids, mask, labels = batch(padding)
-        assert_same_step(fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+        fresh = contextvars.Context()  # the path recorded is this step's (a forward not wrapped records none)
+        fresh.run(assert_same_step, fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+        if adopted(fast):
+            fresh.run(assert_the_path_said_was_taken, wrapped(fast))
     if adopted(fast):  # served by autoflash's own kernels, not handed back call by call
         assert calls_handed_over() == handed_before
+
+
+def assert_the_path_said_was_taken(whole_model: bool):
+    """The training step just run: the whole stack on the real tokens, the model's own LM head and loss on them
+    too; or, for a model whose classes do not take the wrappers, padding removed inside attention."""
+    last = unpad_model.last_decision()
+    if whole_model:
+        assert last["path"] == "whole-model", last
+        assert last["lm_head_and_loss"]["on"] == "real tokens", last
+    else:
+        assert last is None or last["path"] == "per-layer", last
 
 
 def calls_handed_over() -> dict:
@@ -175,6 +199,27 @@ def test_a_packed_row_keeps_its_sequences_apart_or_answers_as_transformers(model
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_a_mixture_of_experts_returns_its_router_logits_laid_out_as_eager_does(model_type):
+    """On the whole-model path the router sees the real tokens only; the router logits it returns are laid out as
+    transformers lays them out, one (batch * length, experts) tensor per layer, eager's at real tokens and zeros
+    at padding (as hidden states are on every path)."""
+    fast, eager = pair(model_type)
+    ids, mask, labels = batch("left")
+    with torch.no_grad():  # (the auxiliary loss, a training term, is compared by the training step's test)
+        reference = eager(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        if getattr(reference, "router_logits", None) is None:
+            pytest.skip(f"{model_type} returns no router logits")
+        out = fast(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    real = mask.bool().reshape(-1)
+    assert len(out.router_logits) == len(reference.router_logits)
+    for mine, theirs in zip(out.router_logits, reference.router_logits):
+        assert mine.shape == theirs.shape
+        assert relative_error(mine[real], theirs[real]) < FLOAT32_RTOL
+        if wrapped(fast):
+            assert not mine[~real].any()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 def test_greedy_generation_is_token_identical(model_type):
     fast, eager = pair(model_type, output_router_logits=False)  # (transformers' generate has no use for them)
     ids, mask, _ = batch("left", seed=2)
@@ -208,13 +253,13 @@ def test_a_composite_model_is_judged_by_its_language_model():
 def test_the_readmes_model_table_is_what_autoflash_adopts():
     import transformers
 
-    from autoflash import adoption
+    from autoflash import models_table
 
     if transformers.__version__ != README_RELEASE:
         pytest.skip(f"the README's table is of transformers {README_RELEASE}")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme.split("<!-- models table: begin -->\n")[1].split("<!-- models table: end -->")[0]
-    assert table == adoption.registry_markdown(), "regenerate it: autoflash models"
+    assert table == models_table.registry_markdown(), "regenerate it: autoflash models"
     kinds = [row.strip("| ").split(" | ")[1].split(" (")[0].split(":")[0] for row in table.splitlines()[2:]]
     summary = (f"{kinds.count('whole model')} whole model, {kinds.count('per layer')} per layer, "
                f"{kinds.count('not served')} not served, {kinds.count('not judged')} not judged")
@@ -236,3 +281,21 @@ def test_families_variable_narrows_adoption_to_the_model_types_listed():
     assert "left out by AUTOFLASH_FAMILIES" in listed[1]
     everything = run_python(code).stdout.splitlines()  # a fresh process: adopted on the default path
     assert everything[0].count('"autoattn"') == 3
+
+
+def test_an_adopted_model_asked_for_autoattn_again_after_disable_and_enable_runs_the_whole_model():
+    """``disable()`` undoes the whole-model wrappers with every patch; a model built before, set back to autoflash
+    by name once it is enabled again, has them wired again (findings 91)."""
+    if "phi3" not in TYPES:
+        pytest.skip("this transformers has no phi3")
+    fast, eager = pair("phi3")
+    autoflash.disable()
+    try:
+        fast.set_attn_implementation("sdpa")
+    finally:
+        autoflash.enable()
+    fast.set_attn_implementation("autoattn")
+    ids, mask, labels = batch("right")
+    fresh = contextvars.Context()
+    fresh.run(assert_same_step, fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+    fresh.run(assert_the_path_said_was_taken, True)

@@ -13,6 +13,7 @@ is laid out, and how its loss is computed.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 
@@ -24,15 +25,36 @@ from autoflash.settings import UNPAD_MODEL_VARIABLE
 
 def remove_padding_for_whole_model(patch: Patch, module, family, attention_name: str, **how) -> None:
     """``how``: what the era's model code passes to attention (``unpad_model.Release``'s first fields)."""
-    model = family.cls(module, "Model")
+    remove_padding(patch, family.cls(module, "Model"), family.cls(module, "ForCausalLM"), family, attention_name,
+                   **how)
+
+
+def remove_padding(patch: Patch, model, lm, family, attention_name: str, **how) -> None:
+    """The three wrappers on a decoder class ``model`` and its causal LM ``lm`` (None where there is none)."""
     release = unpad_model.Release(cache_names=cache_names(model.forward), repad_cache=repad_cache,
                                   zero_padded_cache=zero_padded_cache, loss=causal_lm_loss, **how)
     patch.set_attribute(model, "forward", unpad_model.wrap(model.forward, model, family, attention_name, release))
-    lm = family.cls(module, "ForCausalLM")
     if lm is None:
         return
     patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, family, attention_name, release))
     patch.set_attribute(lm, "generate", unpad_model.wrap_generate(lm.generate))
+
+
+def why_not_whole_model(model, lm) -> Optional[str]:
+    """For a decoder autoflash adopted rather than was taught: None where its classes take the wrappers, else why
+    they do not (its layers then run per layer). The decoder's forward must take ``input_ids, attention_mask,
+    position_ids`` first, as the wrapper hands them on, and keywords for its layers; the causal LM's, keywords for
+    its decoder (the packed row's record reaches the decoder through them)."""
+    if model is None or not callable(getattr(model, "forward", None)):
+        return "no decoder class found in transformers' registry"
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if [p.name for p in parameters[1:4]] != ["input_ids", "attention_mask", "position_ids"]:
+        return f"{model.__name__}.forward does not take input_ids, attention_mask, position_ids first"
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return f"{model.__name__}.forward takes no keyword arguments on to its layers"
+    if lm is not None and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(lm.forward).parameters.values()):
+        return f"{lm.__name__}.forward takes no keyword arguments on to its decoder"
+    return None
 
 
 def cache_names(decoder_forward) -> tuple:

@@ -1,7 +1,8 @@
-"""Decoders adopted beyond the families (``autoflash.adoption``), per layer on the GPU, in bf16 and fp16, against
-float32 eager: a training step on padded batches, judged as every half-precision path is (test_gpu_paths.py:
-below 1e-2, or at most twice eager's own error in that dtype plus 2e-3), served by a flash kernel and not
-handed back to transformers. Windows are longer than the sequences here (a binding window is served by SDPA's
+"""Decoders adopted beyond the families (``autoflash.adoption``), on the GPU, in bf16 and fp16, against float32
+eager: a training step on padded batches, judged as every half-precision path is (test_gpu_paths.py: below 1e-2,
+or at most twice eager's own error in that dtype plus 2e-3), with padding removed for the whole model (the
+router of a mixture of experts on the real tokens only, the model's own head and loss), served by a flash
+kernel and not handed back to transformers. Windows are longer than the sequences here (a binding window is served by SDPA's
 mask on the same path as the families': test_gpu_paths.py), so every call reaches a flash kernel.
 
     python -m pytest -q tests/gpu/test_gpu_other_decoders.py
@@ -15,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device here", allow_module_level=True)
 
-from autoflash import dispatch, handover
+from autoflash import dispatch, handover, unpad_model
 from _decoders import causal_lm, causal_lm_types, tiny_config
 from conftest import labels_for, modern_era, padding_mask, relative_error, train_step, within_half_precision_floor
 
@@ -27,7 +28,7 @@ if not modern_era():
 SUBJECTS = ["mixtral", "phi3", "gemma3_text", "olmo2", "starcoder2", "qwen3_moe", "granite"]
 GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  vocab_size=1000)
-WINDOW = 512  # longer than the sequences below
+WINDOW = 1024  # longer than the sequences below, and than their packed row (whose cache a window would cut)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -59,6 +60,8 @@ def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eag
     assert {entry["call"]: entry["count"] for entry in handover.handed_over()} == handed, "handed back"
     used = {kind: decision.backend for kind, decision in dispatch.last_decisions.items()}
     assert used and any(backend != "sdpa" for backend in used.values()), used  # a flash kernel served it
+    last = unpad_model.last_decision()
+    assert last["path"] == "whole-model" and last["lm_head_and_loss"]["on"] == "real tokens", last
     reference, reference_grads = train_step(eager32, **inputs)
     half, half_grads = train_step(eager_half, **inputs)
     real = mask.bool()
