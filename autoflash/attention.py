@@ -71,12 +71,13 @@ def mask_function(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offs
     return torch.as_tensor(fill, dtype=torch.int32, device=device).reshape(1).expand(batch_size).contiguous()
 
 
-def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_grad: bool):
+def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_grad: bool, window=None):
     """(the packed row's attention call, the backend that serves it), decided once per forward before its first
     layer, in eager Python (``unpad_model``): each layer then only runs that backend (``attention_forward``),
     with no graph break per layer in a compiled model. ``needs_grad`` and ``training``: the forward's, which
     hold for each of its layers. A layer whose call differs (a dtype or head count of its own) takes the
-    general path. (None, "") where the config states no sizes for every layer: each call then decides."""
+    general path. (None, "") where the config states no sizes for every layer: each call then decides.
+    ``window``: a binding sliding window, to ask which kernel would apply it (``windowed_row_kernel``)."""
     dtype = hidden_dtype
     if device.type == "cuda" and dtype == torch.float32:
         dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
@@ -90,8 +91,16 @@ def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_
     call = AttentionCall(
         kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
         num_heads=heads, num_kv_heads=kv_heads, q_len=row.q_len, kv_len=row.q_len, dropout=dropout, causal=True,
-        needs_grad=needs_grad, deterministic=_deterministic(needs_grad, training))
+        needs_grad=needs_grad, window=window, deterministic=_deterministic(needs_grad, training))
     return call, dispatch.pick(call, device)
+
+
+def windowed_row_kernel(config, device, hidden_dtype, training: bool, window: int, tokens: int) -> str:
+    """The backend that would serve a packed row of ``tokens`` whose sliding window binds ("" where the config
+    states no sizes for every layer): a whole-model forward takes the row only where a kernel applies the window
+    to it (SDPA would build a mask of the row's size)."""
+    row = Layout("varlen", 1, tokens, tokens)
+    return decide_row(row, config, device, hidden_dtype, training, torch.is_grad_enabled(), window)[1]
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -221,7 +230,7 @@ def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, wi
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
         q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
-        window=window, deterministic=deterministic,
+        window=window, holes=layout.holes, deterministic=deterministic,
     )
 
 

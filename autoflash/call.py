@@ -31,6 +31,9 @@ class AttentionCall:
     # transformers' sliding window where it binds (some sequence is longer): a query at position i
     # sees keys i - window + 1 .. i. None: no window, or one no sequence reaches past
     window: Optional[int] = None
+    # some sequence has padding between two of its real tokens (``Layout.holes``): a varlen kernel's window,
+    # counted in real tokens, is not transformers' there
+    holes: bool = False
     # a call being traced by torch.compile or torch.export (dispatch decides it once, at trace time):
     # only kernels that trace may serve it
     traced: bool = False

@@ -48,6 +48,9 @@ class Layout:
     total: int = 0
     segment_ids: Optional[torch.Tensor] = None  # (batch, q_len) int64, -1 on padding: for masked dense fallbacks
     left_padded: bool = False  # some row starts with padding
+    # some sequence has padding between two of its real tokens: a sliding window, which transformers counts in
+    # key slots, then differs from one counted in real tokens (as varlen kernels count it)
+    holes: bool = False
     # cache: each row's valid keys are [cache_leftpad, cache_seqlens); queries end at cache_seqlens
     cache_seqlens: Optional[torch.Tensor] = None  # (batch,) int32 fill levels
     cache_leftpad: Optional[torch.Tensor] = None  # (batch,) int32, None = not known to be one range
@@ -139,11 +142,14 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     lengths = torch.zeros(n_cells + 1, dtype=torch.long, device=device).scatter_add_(
         0, slot, torch.ones_like(slot))[:n_cells]
     left_t = ((~real[:, 0]) & real.any(dim=1)).any()
-    scalars = [flat_real.sum(), flat_starts.sum(), lengths.max(), left_t.long()]
+    # a real token after padding that does not begin a sequence
+    after_padding = real & ~torch.nn.functional.pad(real[:, :-1], (1, 0), value=True)
+    holes_t = (after_padding & ~starts).any()
+    scalars = [flat_real.sum(), flat_starts.sum(), lengths.max(), left_t.long(), holes_t.long()]
     if extra_check is not None:
         scalars.append(extra_check.long())
     # the one host-device synchronisation of this forward: these scalars at once
-    total, n_seq, max_seqlen, left, *extra = torch.stack(scalars).tolist()
+    total, n_seq, max_seqlen, left, holes, *extra = torch.stack(scalars).tolist()
     extra = bool(extra[0]) if extra else None
     if total == n_cells and n_seq == batch:
         return Layout("dense", batch, q_len, q_len, syncs=1, extra_check=extra)
@@ -151,8 +157,8 @@ def plan_without_cache(mask: Optional[torch.Tensor], position_ids: Optional[torc
     # packed rows without padding need no gather: every token is real, in place
     indices = None if total == n_cells else _nonzero_1d(flat_real, total)
     return Layout("varlen", batch, q_len, q_len, indices=indices, cu_seqlens=cu_seqlens,
-                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left), syncs=1,
-                  extra_check=extra)
+                  max_seqlen=max_seqlen, total=total, segment_ids=segment_ids, left_padded=bool(left),
+                  holes=bool(holes), syncs=1, extra_check=extra)
 
 
 def plan_from_given_boundaries(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, q_len: int) -> Layout:

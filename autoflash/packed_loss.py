@@ -120,7 +120,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     if layout.kind == "varlen" and layout.total == 0:
         return _padded_logits(module, "no real token in the batch (every position is padding)", original, args,
                               kwargs)
-    why = unpad_model.why_cache_keeps_padding(module, family, call, layout)
+    why = unpad_model.why_layout_keeps_padding(module, family, call, layout)
     if why is not None:  # (the decoder, called padded, records the same reason for its layers)
         return _padded_logits(module, why, original, args, kwargs)
     tuple_wanted = unpad_model.wants_tuple(module, call)

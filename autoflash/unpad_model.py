@@ -36,7 +36,8 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from autoflash import tracing
-from autoflash.attention import decide_row
+from autoflash.attention import decide_row, windowed_row_kernel
+from autoflash.backend_names import FLASH_KERNELS
 from autoflash.forward import KEYWORD as FORWARD_KEYWORD
 from autoflash.forward import Forward, published
 from autoflash.layout import Layout, pack, plan_from_given_boundaries, plan_traced, plan_without_cache, scatter
@@ -133,19 +134,31 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
         return "output_attentions=True asks for per-layer weights in the padded layout"
     window = family.window(module.config)
     if window is not None and attention_mask.shape[1] > window:
-        # no kernel autoflash runs on the packed row applies a window yet; per layer, each call's
-        # mask stays the size of the padded batch's rows
-        return f"a sliding window of {window} applies to sequences this long"
+        dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else \
+            module.get_input_embeddings().weight.dtype
+        kernel = windowed_row_kernel(module.config, attention_mask.device, dtype, module.training, window,
+                                     attention_mask.numel())
+        if kernel not in FLASH_KERNELS:
+            # SDPA would apply the window to the packed row by a mask of the row's size; per layer, each call's
+            # mask stays the size of the padded batch's rows
+            return (f"a sliding window of {window} applies to sequences this long, and only SDPA's mask would apply "
+                    "it to the packed row (flash-attn applies windows)")
     return None
 
 
-def why_cache_keeps_padding(module, family, kwargs, layout: Layout) -> Optional[str]:
-    """(``module``: the decoder or its causal LM: their config is read.) None where the cache a packed forward returns can be laid out as the padded batch's; else why not: a sliding
-    window's cache layer keeps the window's last tokens of the row, which are not each row's own (eager's cache of
-    rows no longer than the window keeps every token)."""
+def why_layout_keeps_padding(module, family, kwargs, layout: Layout) -> Optional[str]:
+    """What the planned layout shows that keeps a sliding-window model's padding (``module``: the decoder or its
+    causal LM: their config is read), else None.
+
+    Padding inside a sequence: transformers counts the window in key slots, the packed row in tokens. And the
+    cache a packed forward returns: a sliding window's cache layer keeps the window's last tokens of the row,
+    which are not each row's own (eager's cache of rows no longer than the window keeps every token)."""
     window = family.window(module.config)
     if window is None:
         return None
+    if layout.holes and layout.q_len > window:  # (a sequence spans more slots than tokens: the padded length bounds it)
+        return (f"a sliding window of {window} over sequences with padding inside them (transformers counts the "
+                "window in key slots)")
     use_cache = kwargs.get("use_cache")
     if not (use_cache if use_cache is not None else getattr(module.config, "use_cache", False)):
         return None
@@ -323,7 +336,7 @@ def wrap(original, model_class, family, attention_name, release: Release):
         if layout.kind == "varlen" and layout.total == 0:
             record(PER_LAYER, "no real token in the batch (every position is padding)")
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
-        reason = None if given is not None else why_cache_keeps_padding(self, family, kwargs, layout)
+        reason = None if given is not None else why_layout_keeps_padding(self, family, kwargs, layout)
         if reason is not None:
             record(PER_LAYER, reason)
             return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)

@@ -53,7 +53,8 @@ FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2C
                  # adopted decoders outside the families (autoflash.adoption): whole model on 5.x
                  "phi3": ("Phi3Config", "Phi3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
                  "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-                 "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+                 "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+                 "gemma3-window1024": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 # what a family's model needs beyond the shared sizes: the issue's shapes (Mixtral: 8 experts, top 2, on 2 layers;
 # Qwen3-MoE: 32 experts of a quarter of the MLP, top 4, on 2 layers; Gemma 3: its config's window, 4096, which no W1 sequence
 # passes: a binding window keeps a batch per layer until a flash kernel here applies one)
@@ -66,7 +67,11 @@ FAMILY_EXTRA = {"mistral": lambda s: {"sliding_window": None},  # LLaMA's attent
                                         "num_experts_per_tok": 4, "moe_intermediate_size": s["mlp"] // 4,
                                         "decoder_sparse_step": 1, "mlp_only_layers": []},
                 "gemma3": lambda s: {"head_dim": s["hidden"] // s["heads"],
-                                     "query_pre_attn_scalar": s["hidden"] // s["heads"]}}
+                                     "query_pre_attn_scalar": s["hidden"] // s["heads"]},
+                # Gemma 3 checkpoints' window: it binds on most W1 sequences (flash-attn's window_size applies it)
+                "gemma3-window1024": lambda s: {"head_dim": s["hidden"] // s["heads"],
+                                                "query_pre_attn_scalar": s["hidden"] // s["heads"],
+                                                "sliding_window": 1024}}
 
 
 def build_model(s, family: str = "llama"):

@@ -146,7 +146,7 @@ def test_a_sliding_window_shorter_than_the_sequences_is_applied_in_training(name
     fast, eager = family_pair(name, **WINDOWS[name])
     ids, mask, labels = _batch([64, 23, 40], PADDINGS[padding])
     _assert_training_matches(fast, eager, ids, mask, labels)
-    assert last_path() == "per-layer"  # no kernel on the packed row applies a window yet (the reason says so)
+    assert last_path() == "per-layer"  # on a CPU only SDPA's mask would apply it to the packed row (the reason says so)
 
 
 @pytest.mark.parametrize("name", list(SUBJECTS))
@@ -198,9 +198,15 @@ def test_a_cache_filled_past_the_window_answers_like_eager(name):
     assert relative_error(logits[0], logits[1]) < FLOAT32_RTOL
 
 
-def test_the_flash_kernels_refuse_a_window_and_sdpa_serves_it():
-    """Kernels not yet measured with a window say so; the call goes to SDPA, which applies it by its mask."""
-    from autoflash.backends import TORCH
+def test_flash_attn_applies_a_window_without_a_cache_and_sdpa_serves_every_other_windowed_call():
+    """flash-attn's window_size applies transformers' window to unpadded, padded and packed calls; torch's own
+    kernels are not yet measured with one, a kv-cache call and a sequence with padding inside it (where
+    transformers counts the window in key slots, a varlen kernel in tokens) go to SDPA, which applies it by its
+    mask."""
+    import dataclasses
+
+    from autoflash.backends import FLASH_ATTN, TORCH
+    from autoflash.backends.capability import reasons
     from autoflash.call import AttentionCall
 
     call = AttentionCall(kind="varlen", device_type="cuda", capability=(9, 0), dtype=torch.bfloat16, head_dim=128,
@@ -208,10 +214,31 @@ def test_the_flash_kernels_refuse_a_window_and_sdpa_serves_it():
                          needs_grad=True, window=1024)
     assert "sliding_window=1024 (supported: none yet; served exactly by sdpa's mask)" in \
         TORCH.reasons_not_supported(call)
+    assert reasons(FLASH_ATTN.supports, call) == []
+    FLASH_ATTN.__dict__["_has_window"] = True  # (as flash-attn >= 2.3 reads; the package is not needed here)
+    try:
+        assert FLASH_ATTN.own_reasons(call) == []
+        assert FLASH_ATTN.own_reasons(dataclasses.replace(call, kind="dense")) == []
+        cached = FLASH_ATTN.own_reasons(dataclasses.replace(call, kind="cache", q_len=1, needs_grad=False))
+        assert any("with a kv cache" in r for r in cached)
+        assert any("padding inside it" in r for r in FLASH_ATTN.own_reasons(dataclasses.replace(call, holes=True)))
+    finally:
+        del FLASH_ATTN.__dict__["_has_window"]
     choice = dispatch.describe_choice(call)
-    assert choice["backend"] == "sdpa" and "sliding_window=1024" in choice["call"]
-    assert all(any("sliding_window" in r for r in refused["reasons"]) or refused["backend"] == "flash_attn"
-               for refused in choice["refused"])
+    assert choice["backend"] in ("sdpa", "flash_attn") and "sliding_window=1024" in choice["call"]
+
+
+def test_a_padded_row_with_padding_inside_a_sequence_is_planned_as_holed():
+    from autoflash.layout import plan_without_cache
+
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert plan_without_cache(mask, None, 2, 5, torch.device("cpu")).holes
+    ends_only = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert not plan_without_cache(ends_only, None, 2, 5, torch.device("cpu")).holes
+    # padding between two packed sequences (positions restart) is a boundary, not a hole
+    packed = torch.tensor([[1, 1, 0, 1, 1]], dtype=torch.bool)
+    positions = torch.tensor([[0, 1, 0, 0, 1]])
+    assert not plan_without_cache(packed, positions, 1, 5, torch.device("cpu")).holes
 
 
 @pytest.mark.parametrize("name", list(SUBJECTS))

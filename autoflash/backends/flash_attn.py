@@ -10,6 +10,8 @@ functions' signatures rather than from version strings:
   probabilities (``return_attn_probs``), in every 2.x release.
 - ``deterministic=`` (a backward that gives the same gradients on every run) exists from
   2.4.1 on; a call that asks for it (``AttentionCall.deterministic``) is refused without it.
+- ``window_size=`` (a sliding window, as transformers' ``sliding_window``) from 2.3 on; a call with a binding
+  window is refused without it.
 
 torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
 ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
@@ -55,8 +57,9 @@ def _register_kvcache_op(with_kvcache):
 
 class _FlashAttn(PackageBackend):
     name = "flash_attn"
+    # a sliding window: flash-attn's window_size, on the calls without a cache (own_reasons)
     supports = dataclasses.replace(
-        FLASH, dropout_kinds=("dense", "varlen", "masked"), cache_with_grad=False, cache_key_holes="none",
+        FLASH, dropout_kinds=("dense", "varlen", "masked"), cache_with_grad=False, cache_key_holes="none", window=True,
         why={**FLASH.why, "cache_with_grad": "flash_attn_with_kvcache has no backward",
              "cache_key_holes": "supported: left padding only; checked only where it costs no extra host sync: "
                                 "prefill, not decode steps"})
@@ -101,6 +104,11 @@ class _FlashAttn(PackageBackend):
         fns, _ = self._module()
         return fns is not None and "deterministic" in inspect.signature(fns[1]).parameters
 
+    @functools.cached_property
+    def _has_window(self) -> bool:
+        fns, _ = self._module()
+        return fns is not None and "window_size" in inspect.signature(fns[1]).parameters
+
     def own_reasons(self, call: AttentionCall) -> List[str]:
         """What the installed release lacks, read from its functions' signatures."""
         reasons = []
@@ -109,28 +117,41 @@ class _FlashAttn(PackageBackend):
                            f"{self.version()} lacks (needs >= 2.4.1)")
         if call.kind == "cache" and call.left_padded_cache and not self._has_cache_leftpad:
             reasons.append(f"left-padded cache with flash-attn {self.version()} (needs >= 2.6 for cache_leftpad)")
+        if call.window is not None and not self._has_window:
+            reasons.append(f"sliding_window={call.window} with flash-attn {self.version()} (needs >= 2.3 for "
+                           "window_size)")
+        elif call.window is not None and call.kind not in ("dense", "varlen"):
+            reasons.append(f"sliding_window={call.window} with a kv cache (supported: without a cache; served "
+                           "exactly by sdpa's mask)")
+        elif call.window is not None and call.holes:
+            # transformers counts the window in key slots; varlen kernels count it in real tokens
+            reasons.append(f"sliding_window={call.window} over a sequence with padding inside it (supported: "
+                           "padding before or after each sequence; served exactly by sdpa's mask)")
         return reasons
 
     def run(self, q, k, v, layout: Layout, call: AttentionCall, scale: float):
         dense, varlen, with_kvcache = self.entry_points()
         # (asked for only where wanted: releases before 2.4.1 have no such argument)
-        deterministic = {"deterministic": True} if call.deterministic else {}
+        extra = {"deterministic": True} if call.deterministic else {}
+        # transformers' window: a query at i sees the keys at i - window + 1 .. i, window_size's left reach
+        if call.window is not None:
+            extra["window_size"] = (call.window - 1, 0)
         if layout.kind == "dense":
             return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=call.dropout,
-                         softmax_scale=scale, causal=call.causal, **deterministic)
+                         softmax_scale=scale, causal=call.causal, **extra)
         if layout.kind == "varlen":
             out = varlen(unpad(q, layout), unpad(k, layout), unpad(v, layout), layout.cu_seqlens, layout.cu_seqlens,
                          layout.max_seqlen, layout.max_seqlen, dropout_p=call.dropout, softmax_scale=scale,
-                         causal=call.causal, **deterministic)
+                         causal=call.causal, **extra)
             return pad(out, layout)
         # transformers' caches are (batch, kv_heads, len, dim); the transposed view is the
         # (batch, len, kv_heads, dim) layout the kernel reads, with no copy.
         if tracing.is_tracing() and self.traced_kvcache is not None:  # (torch < 2.4: a graph break here)
             return self.traced_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.cache_seqlens,
                                        layout.cache_leftpad, scale, call.causal)
-        extra = {"cache_leftpad": layout.cache_leftpad} if layout.cache_leftpad is not None else {}
+        leftpad = {"cache_leftpad": layout.cache_leftpad} if layout.cache_leftpad is not None else {}
         return with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                            cache_seqlens=layout.cache_seqlens, softmax_scale=scale, causal=call.causal, **extra)
+                            cache_seqlens=layout.cache_seqlens, softmax_scale=scale, causal=call.causal, **leftpad)
 
 
 FLASH_ATTN = _FlashAttn()
