@@ -206,7 +206,10 @@ def test_a_mixture_of_experts_returns_its_router_logits_laid_out_as_eager_does(m
     fast, eager = pair(model_type)
     ids, mask, labels = batch("left")
     with torch.no_grad():  # (the auxiliary loss, a training term, is compared by the training step's test)
-        reference = eager(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        try:
+            reference = eager(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        except Exception as exc:  # noqa: BLE001 - a release whose own code fails here (5.17's GraniteMoE loss)
+            pytest.skip(f"transformers' eager fails on this step: {type(exc).__name__}: {str(exc)[:200]}")
         if getattr(reference, "router_logits", None) is None:
             pytest.skip(f"{model_type} returns no router logits")
         out = fast(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
