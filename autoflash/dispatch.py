@@ -220,8 +220,8 @@ def _warn_if_determinism_is_not_kept(call: AttentionCall, decision: Decision) ->
 def _user_can_act(call: AttentionCall, decision: Decision) -> bool:
     """A warning only where the user can do something: a GPU call that no flash kernel serves (its dtype,
     the GPU, a missing package; the reasons say which). A CPU call runs SDPA by design, a traced padded
-    call and a cache whose key mask has holes by necessity, a sliding window because no flash kernel here
-    applies one yet, SDPA under the user's own switches because they chose it, and a flash kernel serving
+    call and a cache whose key mask has holes by necessity, a sliding window that flash-attn does not apply
+    here (a cache, padding inside a sequence, or flash-attn not installed: SDPA's mask is exact), SDPA under the user's own switches because they chose it, and a flash kernel serving
     is no fallback worth a word: those are logged at INFO."""
     if call.device_type != "cuda" or decision.backend in backends.FLASH_KERNELS or call.window is not None:
         return False
