@@ -9,6 +9,12 @@ the value heads (multi-head latent attention), layers of another kind than full 
 cross-attention, an encoder's bidirectional attention, a composite model (its language model is built,
 and judged, as a model of its own).
 
+A vision-language model's language model is a class of its own in some releases (Qwen2-VL's
+``Qwen2VLTextModel``), named in no causal-LM registry: those autoflash was taught (``LANGUAGE_MODELS``: their
+layers see text and image tokens alike, positioned by 3-D M-RoPE ids computed before the decoder) are judged
+as decoders; any other is not adopted (its layers may take visual inputs of the padded layout, as Qwen3-VL's
+deepstack does).
+
 An adopted model has padding removed for its whole stack where its classes take autoflash's wrappers
 (``patches/other_decoders.py``), else inside each attention call (per layer). A call of an adopted model
 that autoflash was not taught still goes to transformers' attention (``autoflash.handover``).
@@ -38,6 +44,9 @@ SOURCE_FEATURES = (
     ("its code reads the attention mask as a 4-D tensor", re.compile(r"attention_mask\[[^\]\n]*,[^\]\n]*,[^\]\n]*,")),
 )
 
+# language model type -> the composite (vision-language) model type it is built inside
+LANGUAGE_MODELS = {"qwen2_vl_text": "qwen2_vl", "qwen2_5_vl_text": "qwen2_5_vl"}
+
 _lock = threading.Lock()
 _decisions: Dict[str, str] = {}  # model type -> "adopted: ..." or "not adopted: <why>", for doctor
 
@@ -55,7 +64,7 @@ def why_not_adopted(model_class, config) -> Optional[str]:
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder"
     decoder = _registry_types("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
-    if decoder is not None and model_type not in decoder:
+    if decoder is not None and model_type not in decoder and model_type not in LANGUAGE_MODELS:
         return "not a causal language model in transformers' registry"
     if _is_encoder(config):
         return "an encoder (bidirectional attention; causal only where configured as a decoder)"

@@ -9,7 +9,9 @@ Where the release passes keyword arguments from the causal LM to its decoder (tr
 logits: soft-capping, scaling), its loss (whatever it adds: a router term), its output class.
 It is handed the packed targets one place late, so that its own shift by one scores each real
 token against the next token of the same sequence, and no attention mask (every packed token is
-real: a mask-weighted term over the padded batch equals the plain term over the row). Before
+real: a mask-weighted term over the padded batch equals the plain term over the row); a vision-language
+model, which computes its M-RoPE positions from the mask before its decoder runs, is handed the padded
+batch's (its decoder takes the packed row's record instead). Before
 4.48 the causal LM calls its decoder with named arguments only; there the LM head runs on the
 real tokens and the loss is the one those releases compute inline (targets ``labels[t + 1]``,
 ``-100`` ignored, ``num_items_in_batch`` dividing a summed loss). Either way the loss equals
@@ -126,7 +128,7 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     tuple_wanted = unpad_model.wants_tuple(module, call)
     targets = pack(shift_labels, layout)  # (1, real tokens): what each real token is scored against
     if release.as_kwargs:
-        output = _models_own_forward(original, module, call, layout, targets)
+        output = _models_own_forward(original, module, call, layout, targets, release)
     else:
         model_kwargs["return_dict"] = True
         out = module.model(**model_kwargs, **{FORWARD_KEYWORD: Forward(layout, packed=True)})  # the row back
@@ -139,14 +141,15 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     return output.to_tuple() if tuple_wanted else output
 
 
-def _models_own_forward(original, module, call, layout, targets):
+def _models_own_forward(original, module, call, layout, targets, release):
     """The causal LM's own forward, its decoder on the packed row: its head, its loss, its output."""
     # its loss scores position t against labels[t + 1]: given the targets one place late, each real token
     # is scored against its own target (the row's last target is -100: no label follows a sequence's end
     # unless one is predicted from padding, which keeps the padded layout)
     late = torch.nn.functional.pad(targets, (1, 0), value=IGNORE_INDEX)[:, :-1]
-    given = {**call, "labels": late, "attention_mask": None, "return_dict": True,
-             FORWARD_KEYWORD: Forward(layout, packed=True)}
+    given = {**call, "labels": late, "return_dict": True, FORWARD_KEYWORD: Forward(layout, packed=True)}
+    if not release.lm_reads_mask:
+        given["attention_mask"] = None
     if call.get("shift_labels") is not None:  # the caller's own targets, taken as they are
         given["shift_labels"] = targets
     out = original(module, **given)

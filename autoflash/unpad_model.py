@@ -93,7 +93,14 @@ def record(path: str, reason: Optional[str]) -> None:
 
 def runs_autoflash(module, attention_name) -> bool:
     """Models loaded with another implementation (eager, say) are left entirely alone."""
-    return module.config._attn_implementation == attention_name
+    return decoder_config(module)._attn_implementation == attention_name
+
+
+def decoder_config(module):
+    """The config of ``module``'s decoder stack: its own, or a vision-language model's text config (the composite's
+    own holds no window and keeps transformers' implementation name; its language model's holds autoflash's)."""
+    text = getattr(module.config, "text_config", None)
+    return module.config if text is None else text
 
 
 def is_model_class(module, model_class) -> bool:
@@ -132,11 +139,11 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
-    window = family.window(module.config)
+    window = family.window(decoder_config(module))
     if window is not None and attention_mask.shape[1] > window:
         dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else \
             module.get_input_embeddings().weight.dtype
-        kernel = windowed_row_kernel(module.config, attention_mask.device, dtype, module.training, window,
+        kernel = windowed_row_kernel(decoder_config(module), attention_mask.device, dtype, module.training, window,
                                      attention_mask.numel())
         if kernel not in FLASH_KERNELS:
             # SDPA would apply the window to the packed row by a mask of the row's size; per layer, each call's
@@ -153,14 +160,15 @@ def why_layout_keeps_padding(module, family, kwargs, layout: Layout) -> Optional
     Padding inside a sequence: transformers counts the window in key slots, the packed row in tokens. And the
     cache a packed forward returns: a sliding window's cache layer keeps the window's last tokens of the row,
     which are not each row's own (eager's cache of rows no longer than the window keeps every token)."""
-    window = family.window(module.config)
+    config = decoder_config(module)
+    window = family.window(config)
     if window is None:
         return None
     if layout.holes and layout.q_len > window:  # (a sequence spans more slots than tokens: the padded length bounds it)
         return (f"a sliding window of {window} over sequences with padding inside them (transformers counts the "
                 "window in key slots)")
     use_cache = kwargs.get("use_cache")
-    if not (use_cache if use_cache is not None else getattr(module.config, "use_cache", False)):
+    if not (use_cache if use_cache is not None else getattr(config, "use_cache", False)):
         return None
     tokens = layout.total if layout.indices is not None else layout.batch * layout.q_len
     if tokens <= window:
@@ -224,8 +232,17 @@ def repad_router_logits(out, layout: Layout):
 def plan(attention_mask, position_ids, batch, length, device, extra_check=None) -> Layout:
     """The packed layout of this forward (its one host sync); ``extra_check`` rides along on it."""
     mask = attention_mask.to(device=device, dtype=torch.bool)
-    return plan_without_cache(mask, _positions(position_ids, batch, length, device), batch, length, device,
-                              extra_check=extra_check)
+    return plan_without_cache(mask, _positions(sequence_positions(position_ids), batch, length, device), batch,
+                              length, device, extra_check=extra_check)
+
+
+def sequence_positions(position_ids):
+    """The position ids whose restarts mark packed sequences. M-RoPE's 3-D ids (rows, batch, length) (Qwen2-VL's
+    temporal, height and width positions; an image's tokens share a temporal one): transformers reads sequences
+    from a text row put first (4 rows), and from the mask alone where there is none (3 rows)."""
+    if position_ids is None or position_ids.dim() != 3:
+        return position_ids
+    return position_ids[0] if position_ids.shape[0] == 4 else None
 
 
 def _positions(position_ids, batch, length, device):
@@ -234,6 +251,13 @@ def _positions(position_ids, batch, length, device):
     # first real token)
     positions = position_ids if position_ids is not None else torch.arange(length, device=device)[None]
     return positions.expand(batch, length)
+
+
+def _packed_positions(position_ids, batch, length, device, layout: Layout):
+    """The position ids of the packed row: (1, real tokens), or (rows, 1, real tokens) for M-RoPE's."""
+    if position_ids is not None and position_ids.dim() == 3:
+        return pack(position_ids.permute(1, 2, 0), layout).permute(2, 0, 1)  # (one gather for every row)
+    return pack(_positions(position_ids, batch, length, device), layout)
 
 
 # -- the wrapper of the decoder's forward ---------------------------------------------------------
@@ -268,6 +292,10 @@ class Release:
     # passes every keyword on to attention is not known, so the boundaries are published as well, and a traced
     # forward (where nothing can be published) keeps its padding
     keywords_reach_attention: bool = True
+    # True where the causal LM's forward reads the padded batch's mask before its decoder runs (a vision-language
+    # model computes M-RoPE positions from it): it is handed the mask with the packed row's record, which its
+    # decoder takes instead; else no mask (a mixture of experts' auxiliary loss would weight the row by it)
+    lm_reads_mask: bool = False
 
     def cache_passed(self, kwargs) -> bool:
         return any(kwargs.get(name) is not None for name in self.cache_names)
@@ -292,7 +320,8 @@ def wrap(original, model_class, family, attention_name, release: Release):
             return {**kwargs, FORWARD_KEYWORD: Forward(Layout("dense", batch, length, length))}
         if tracing.is_tracing() and attention_mask is not None and attention_mask.dim() == 2:
             # the padded batch's mask, built once for every layer
-            layout = plan_traced(attention_mask, position_ids, batch, length, length, source.device)
+            layout = plan_traced(attention_mask, sequence_positions(position_ids), batch, length, length,
+                                 source.device)
             return {**kwargs, FORWARD_KEYWORD: Forward(layout)}
         return kwargs
 
@@ -413,15 +442,14 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, re
     batch, length, device = source.shape[0], source.shape[1], source.device
     boundaries = boundaries_of(layout, batch, length, device)
     publish = release.published(module)  # (never in a traced call: see wrap)
-    packed_positions = pack(_positions(position_ids, batch, length, device), layout)
+    packed_positions = _packed_positions(position_ids, batch, length, device, layout)
+    tokens = packed_positions.shape[-1]
     # An all-ones mask: without one, transformers would search the packed position ids for
     # sequence boundaries itself, at the cost of a second host sync; cu_seq_lens_q already say.
-    no_padding = torch.ones(packed_positions.shape, dtype=torch.bool, device=device) if release.mask_for_packed_row \
-        else None
+    no_padding = torch.ones((1, tokens), dtype=torch.bool, device=device) if release.mask_for_packed_row else None
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
-    row = plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1,
-                                     packed_positions.shape[1])
+    row = plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, tokens)
     forward = Forward(layout, packed=True, row=row)
     if release.as_kwargs:
         kwargs.update(boundaries)  # (transformers' own code reads them: its mask, a hand-over's flash)

@@ -71,13 +71,17 @@ def apply(module) -> Patch:
 
 def classes_of(model_type: str, modeling_module):
     """(decoder class, causal LM class) of ``model_type`` in its modeling module, as transformers' registry names
-    them (None for one it does not name there)."""
+    them (None for one it does not name there). A vision-language model's language model
+    (``adoption.LANGUAGE_MODELS``): its composite's image-text-to-text class is the one with the LM head and loss."""
     from transformers.models.auto import modeling_auto
 
-    def named(mapping):
-        name = getattr(modeling_auto, mapping, {}).get(model_type)
+    def named(mapping, key=model_type):
+        name = getattr(modeling_auto, mapping, {}).get(key)
         return getattr(modeling_module, name, None) if isinstance(name, str) else None
 
+    composite = adoption.LANGUAGE_MODELS.get(model_type)
+    if composite is not None:
+        return named("MODEL_MAPPING_NAMES"), named("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", composite)
     return named("MODEL_MAPPING_NAMES"), named("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
 
 
@@ -112,7 +116,8 @@ def _remove_padding(patch: Patch, classes, model_type: str):
         if why is None:
             # the window a config states keeps a long batch per layer, as a family's does (its has_window)
             family = Family(model_type, decoder.__module__, "", (INTERFACE_ERA,), has_window=True)
-            whole_model.remove_padding(patch, decoder, lm, family, ATTENTION_NAME, keywords_reach_attention=False)
+            whole_model.remove_padding(patch, decoder, lm, family, ATTENTION_NAME, keywords_reach_attention=False,
+                                       lm_reads_mask=model_type in adoption.LANGUAGE_MODELS)
         return why
     except Exception as exc:  # noqa: BLE001 - classes shaped otherwise than autoflash expects: per layer
         return f"its classes could not be wired ({type(exc).__name__}: {exc})"
