@@ -65,7 +65,8 @@ def why_not_adopted(model_class, config) -> Optional[str]:
         return "an encoder-decoder"
     decoder = _registry_types("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
     if decoder is not None and model_type not in decoder and model_type not in LANGUAGE_MODELS:
-        return "not a causal language model in transformers' registry"
+        return ("not a causal language model in transformers' registry, nor a vision-language model's language "
+                "model autoflash was taught")
     if _is_encoder(config):
         return "an encoder (bidirectional attention; causal only where configured as a decoder)"
     if getattr(config, "add_cross_attention", False):

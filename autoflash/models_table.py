@@ -1,5 +1,5 @@
-"""The table of every causal language model in the installed transformers' registry and what autoflash does with
-each: whole model, per layer (and why), or not served (and why). For ``autoflash models`` and the README's Models
+"""The table of every causal language model in the installed transformers' registry (and of the vision-language
+models' language models autoflash was taught) and what autoflash does with each: whole model, per layer (and why), or not served (and why). For ``autoflash models`` and the README's Models
 table (checked by ``tests/test_other_decoders.py``). Imports every modeling module: seconds, not for hot paths.
 """
 
@@ -17,13 +17,16 @@ def registry_table() -> list:
     """(model type, what autoflash does with it) for every causal language model in the installed transformers'
     registry, judged on each type's default config (a checkpoint's config may differ: a window, a chunk size)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_MAPPING)
 
+    language_models = [t for t in adoption.LANGUAGE_MODELS if t in CONFIG_MAPPING]  # (a vision-language model's)
     rows = []
-    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    for model_type in sorted([*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *language_models]):
         try:
             config = CONFIG_MAPPING[model_type]()
-            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            registry = MODEL_MAPPING if model_type in adoption.LANGUAGE_MODELS else MODEL_FOR_CAUSAL_LM_MAPPING
+            model_class = registry[type(config)]
         except Exception as exc:  # noqa: BLE001 - a type whose defaults do not build (or a missing dependency)
             rows.append((model_type, f"not judged: its default config does not build ({type(exc).__name__})"))
             continue

@@ -54,7 +54,12 @@ FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2C
                  "phi3": ("Phi3Config", "Phi3ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
                  "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
                  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
-                 "gemma3-window1024": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+                 "gemma3-window1024": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                 # a vision-language model on text: its language model at the shared sizes (M-RoPE), a one-block
+                 # vision tower that text-only batches never run
+                 "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
+# the vision-language models among them: the shared sizes are their text config's
+VISION_LANGUAGE = {"qwen2_5_vl"}
 # what a family's model needs beyond the shared sizes: the issue's shapes (Mixtral: 8 experts, top 2, on 2 layers;
 # Qwen3-MoE: 32 experts of a quarter of the MLP, top 4, on 2 layers; Gemma 3: its config's window, 4096, which no W1 sequence
 # passes: a binding window keeps a batch per layer until a flash kernel here applies one)
@@ -79,11 +84,18 @@ def build_model(s, family: str = "llama"):
 
     config_name, model_name = FAMILY_MODELS[family]
     extra = FAMILY_EXTRA.get(family, lambda s: {})(s)
-    config = getattr(transformers, config_name)(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
-        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], rope_theta=500000.0,
-        max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **{"num_hidden_layers": s["layers"], **extra})
+    sizes = dict(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["mlp"],
+                 num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], rope_theta=500000.0,
+                 max_position_embeddings=262144, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 **{"num_hidden_layers": s["layers"], **extra})
+    if family in VISION_LANGUAGE:
+        half = s["hidden"] // s["heads"] // 2  # M-RoPE's temporal, height and width shares of the rotary pairs
+        sizes["rope_scaling"] = {"type": "mrope", "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
+        config = getattr(transformers, config_name)(
+            text_config=sizes, vision_config=dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=64,
+                                                  out_hidden_size=s["hidden"]))
+    else:
+        config = getattr(transformers, config_name)(**sizes)
     torch.manual_seed(0)
     with torch.device(s["device"]):
         model = getattr(transformers, model_name)(config)

@@ -25,8 +25,8 @@ import statistics
 
 import torch
 
-from harness import (COMPETITORS, PADDING_FREE, PADDING_FREE_FA2, PADDING_FREE_FA4, add_ratios, available,
-                     backend_used, build_model, competing_as, competitor_lines, is_oom, lengths_for,
+from harness import (COMPETITORS, PADDING_FREE, PADDING_FREE_FA2, PADDING_FREE_FA4, VISION_LANGUAGE, add_ratios,
+                     available, backend_used, build_model, competing_as, competitor_lines, is_oom, lengths_for,
                      matmul_peak_tflops, peak_gib, reset_memory, sync, timed)
 
 # W1 adds: autoflash with padding removed per layer only (AUTOFLASH_UNPAD_MODEL=0), autoflash in
@@ -47,15 +47,18 @@ def padded_batch(s, lengths):
     return {k: v.to(s["device"]) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
 
 
-def packed_batch(s, lengths, boundaries=False):
+def packed_batch(s, lengths, boundaries=False, family="llama"):
     """The padded batch's real tokens in one row; ``boundaries``: also cu_seq_lens_q/k, as
-    DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands them to the model."""
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands them to the model. A vision-language model's
+    positions: M-RoPE's three rows after a text row, from which transformers reads the sequences."""
     padded = padded_batch(s, lengths)
     ids = torch.cat([padded["input_ids"][row, :n] for row, n in enumerate(lengths)])[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(s["device"])
     labels = ids.clone()
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
     labels[0, starts.to(s["device"])] = -100
+    if family in VISION_LANGUAGE:
+        positions = positions[None].expand(4, 1, -1)
     batch = dict(input_ids=ids, position_ids=positions, labels=labels)
     if boundaries:
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(s["device"])
@@ -73,8 +76,8 @@ def run_training(s, packed: bool, family: str = "llama", profile: bool = False):
     model = build_model(s, family)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=s["device"] == "cuda")
     lengths = lengths_for(s)
-    batch = packed_batch(s, lengths) if packed else padded_batch(s, lengths)
-    padding_free = packed_batch(s, lengths, boundaries=True)
+    batch = packed_batch(s, lengths, family=family) if packed else padded_batch(s, lengths)
+    padding_free = packed_batch(s, lengths, boundaries=True, family=family)
     real_tokens = sum(lengths)
     flops = train_flops(model, s, lengths)
     peak = matmul_peak_tflops(s["device"])

@@ -170,6 +170,31 @@ def gradient_penalty_under_math(model, ids, mask):
     return penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
 
+def assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, inputs) -> tuple:
+    """One training step of ``fast`` (half precision) judged against float32 eager as every half-precision path is
+    (``within_half_precision_floor``, its floor set by ``eager_half``, eager in the same dtype), on the real
+    positions of ``mask``; (the backend each kind of call last took, the padded forward's path), for the caller to
+    assert on."""
+    from autoflash import dispatch, unpad_model
+
+    logits, grads = train_step(fast, **inputs)
+    used = {kind: decision.backend for kind, decision in dispatch.last_decisions.items()}
+    path = unpad_model.last_decision()
+    reference, reference_grads = train_step(eager32, **inputs)
+    half, half_grads = train_step(eager_half, **inputs)
+    real = mask.bool()
+    error = relative_error(logits[real].float(), reference[real])
+    floor = relative_error(half[real].float(), reference[real])
+    gradient_error = max(relative_error(grads[n].float(), reference_grads[n]) for n in reference_grads)
+    gradient_floor = max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads)
+    print(f"{type(fast).__name__} {logits.dtype} {path and path['path']} {used}: logits {error:.2e} "
+          f"(eager {floor:.2e}), gradients {gradient_error:.2e} (eager {gradient_floor:.2e})")
+    assert within_half_precision_floor(error, floor), f"logits {error:.2e} vs eager's floor {floor:.2e}"
+    assert within_half_precision_floor(gradient_error, gradient_floor), \
+        f"gradients {gradient_error:.2e} vs eager's floor {gradient_floor:.2e}"
+    return used, path
+
+
 def within_half_precision_floor(error, eager_error) -> bool:
     """How a half-precision path is judged against float32 eager (../shared/FINDINGS.md item 5): below 1e-2, or
     at most twice eager's own error in the same dtype on the same case, plus 2e-3."""

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 from autoflash import dispatch, unpad_model
 from autoflash.backends import FLASH_ATTN
 from _decoders import causal_lm, causal_lm_types, tiny_config
-from conftest import labels_for, modern_era, padding_mask, relative_error, train_step, within_half_precision_floor
+from conftest import (assert_half_precision_step_matches_eager, labels_for, modern_era, padding_mask, relative_error,
+                      within_half_precision_floor)
 
 if not modern_era():
     pytest.skip("the attention-interface era", allow_module_level=True)
@@ -46,24 +47,6 @@ def models(model_type, dtype):
     return fast.to(dtype), eager32, eager_half
 
 
-def judged(fast, eager32, eager_half, mask, inputs):
-    logits, grads = train_step(fast, **inputs)
-    used = {kind: decision.backend for kind, decision in dispatch.last_decisions.items()}
-    path = unpad_model.last_decision()
-    reference, reference_grads = train_step(eager32, **inputs)
-    half, half_grads = train_step(eager_half, **inputs)
-    real = mask.bool()
-    error = relative_error(logits[real].float(), reference[real])
-    floor = relative_error(half[real].float(), reference[real])
-    gradient_error = max(relative_error(grads[n].float(), reference_grads[n]) for n in reference_grads)
-    gradient_floor = max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads)
-    print(f"{type(fast).__name__} {path['path']} {used}: logits {error:.2e} (eager {floor:.2e}), "
-          f"gradients {gradient_error:.2e} (eager {gradient_floor:.2e})")
-    assert within_half_precision_floor(error, floor), f"logits {error:.2e} vs floor {floor:.2e}"
-    assert within_half_precision_floor(gradient_error, gradient_floor), f"{gradient_error:.2e} vs {gradient_floor:.2e}"
-    return used, path
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 97]), ("left", [64, 255, 3, 200])])
 @pytest.mark.parametrize("model_type", list(SUBJECTS))
@@ -76,13 +59,13 @@ def test_a_binding_window_is_applied_by_flash_attn_on_the_whole_model_and_per_la
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
     # training without a cache: the whole model on the packed row, the window applied there by flash-attn
     dispatch.last_decisions.clear()
-    used, path = judged(fast, eager32, eager_half, mask, {**inputs, "use_cache": False})
+    used, path = assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, {**inputs, "use_cache": False})
     assert path["path"] == "whole-model", path
     assert used["varlen"] == "flash_attn", used
     # the cache a forward returns by default would be cut by the window on the packed row: per layer, the
     # padded batch's calls, the window applied by flash-attn too
     dispatch.last_decisions.clear()
-    used, path = judged(fast, eager32, eager_half, mask, inputs)
+    used, path = assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, inputs)
     assert path["path"] == "per-layer" and "use_cache=False" in path["reason"], path
     assert used["varlen"] == "flash_attn", used
 

@@ -1,0 +1,64 @@
+"""Tiny random Qwen2-VL and Qwen2.5-VL models and their processor's inputs: text, and images placed among it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import padding_mask
+
+IMAGE, VIDEO, VISION_START = 5, 6, 7
+PATCH = 2  # a patch of 3 channels x 2 frames x 2 x 2 pixels
+GRID = (1, 4, 4)  # one frame of 4 x 4 patches: 4 tokens once merged 2 x 2
+IMAGE_TOKENS = 4
+COMPOSITES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
+
+
+def vision_language_pair(model_type, hidden_size=64, heads=4, vocab_size=128):
+    """(default model, eager model) of the composite ``model_type``, tiny, with identical random weights (float32,
+    on the CPU)."""
+    import transformers
+
+    prefix = COMPOSITES[model_type]
+    if not hasattr(transformers, f"{prefix}ForConditionalGeneration"):
+        pytest.skip(f"this transformers has no {prefix}")
+    half = hidden_size // heads // 2  # M-RoPE's temporal, height and width shares of the rotary pairs
+    config_class = getattr(transformers, f"{prefix}Config")
+    model_class = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    config = config_class(
+        text_config=dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=vocab_size,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, out_hidden_size=hidden_size,
+                           intermediate_size=64, patch_size=PATCH, fullatt_block_indexes=[0]),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START)
+    torch.manual_seed(0)
+    fast = model_class(copy.deepcopy(config))
+    eager = model_class._from_config(copy.deepcopy(config), attn_implementation="eager")
+    eager.load_state_dict(fast.state_dict())
+    return fast, eager
+
+
+def batch(padding, images=True, seed=0, lengths=(14, 9, 5), vocab_size=128, device="cpu"):
+    """A padded batch of three rows, an image in the first two after two real tokens (the processor's inputs:
+    ids, mask, pixel values, each image's grid, the token types M-RoPE reads). ``padding``: "right", "left", or
+    "inside" (right padding, and two padded positions after the first row's image: its M-RoPE positions skip
+    them, which only the mask says)."""
+    mask = padding_mask(list(lengths), "right" if padding == "inside" else padding)
+    if padding == "inside":
+        mask[0, 2 + IMAGE_TOKENS:4 + IMAGE_TOKENS] = 0
+    ids = torch.randint(10, vocab_size, mask.shape, generator=torch.Generator().manual_seed(seed))
+    ids = ids.masked_fill(mask == 0, 0)
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if images:
+        for row in (0, 1):
+            first = int(mask[row].nonzero()[0]) + 2
+            ids[row, first:first + IMAGE_TOKENS] = IMAGE
+        grid = torch.tensor([GRID, GRID])
+        patches = int(grid.prod(-1).sum())
+        pixels = torch.randn(patches, 3 * 2 * PATCH * PATCH, generator=torch.Generator().manual_seed(seed))
+        inputs.update(pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).int())
+    return {k: v.to(device) for k, v in inputs.items()}
