@@ -95,6 +95,8 @@ def _forward_with_labels(original, module, lm_class, family, attention_name, rel
     if source is not None and mask is not None:
         unpad_model.check_mask_shape(source, mask, call, release)
     reason = unpad_model.why_keep_padding(module, lm_class, family, mask, call, attention_name, release)
+    if reason is None:  # (what goes on to the decoder beyond the causal LM's own arguments)
+        reason = unpad_model.unknown_per_token(extra, mask)
     keep = call.get("logits_to_keep", call.get("num_logits_to_keep"))
     if reason is None and not (keep is None or (isinstance(keep, int) and keep == 0)):
         reason = "logits_to_keep is set"  # an int or a tensor of positions

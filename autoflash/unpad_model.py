@@ -46,6 +46,9 @@ from autoflash.settings import UNPAD_MODEL_VARIABLE, say_once, settings
 WHOLE_MODEL = "whole-model"
 PER_LAYER = "per-layer"
 ROUTER_LOGITS = "router_logits"  # a mixture of experts' output: one (tokens, experts) tensor per layer
+# the decoder's keyword arguments that hold one value per input position (batch, length, ...), packed with its
+# input ids: GPT-2's token types (embedded and added to the tokens' embeddings)
+PER_TOKEN_KEYWORDS = ("token_type_ids",)
 
 
 # State of the forward in progress, for the eras whose model code passes nothing on to attention.
@@ -137,6 +140,10 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
         return "the call comes from generate(), which decodes from the cache it fills"
     if kwargs.get("cu_seq_lens_q") is not None:
         return "the caller passed cu_seq_lens_q (the batch is packed already)"
+    for name in PER_TOKEN_KEYWORDS:
+        given = kwargs.get(name)
+        if given is not None and tuple(given.shape[:2]) != tuple(attention_mask.shape):
+            return f"{name} is not laid out as the attention mask is (batch, length)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
     window = family.window(decoder_config(module))
@@ -150,6 +157,19 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
             # mask stays the size of the padded batch's rows
             return (f"a sliding window of {window} applies to sequences this long, and only SDPA's mask would apply "
                     "it to the packed row (flash-attn applies windows)")
+    return None
+
+
+def unknown_per_token(kwargs, attention_mask) -> Optional[str]:
+    """The first keyword argument holding a value per input position (a tensor laid out (batch, length, ...)) that
+    the packed row does not lay out (``PER_TOKEN_KEYWORDS``), as the reason to keep the padding, else None: a
+    vision-language model's per-position visual inputs (Qwen3-VL-style deepstack masks, Gemma 3n's per-layer
+    inputs) would meet a packed row in the padded layout."""
+    shape = tuple(attention_mask.shape)
+    for name, value in kwargs.items():
+        if (name not in PER_TOKEN_KEYWORDS and name != "inputs_embeds" and isinstance(value, torch.Tensor)
+                and value.dim() >= 2 and tuple(value.shape[:2]) == shape):
+            return f"{name} holds a value per input position, which autoflash does not lay out on the packed row"
     return None
 
 
@@ -355,7 +375,8 @@ def wrap(original, model_class, family, attention_name, release: Release):
                 return original(self, input_ids, attention_mask, position_ids, *args,
                                 **with_layout(self, input_ids, attention_mask, position_ids, kwargs))
             reason = "positional arguments after position_ids" if args else \
-                why_keep_padding(self, model_class, family, attention_mask, kwargs, attention_name, release)
+                why_keep_padding(self, model_class, family, attention_mask, kwargs, attention_name, release) or \
+                unknown_per_token(kwargs, attention_mask)
             if reason is not None:
                 record(PER_LAYER, reason)
                 return per_layer(original, self, input_ids, attention_mask, position_ids, args, kwargs, release)
@@ -449,6 +470,8 @@ def packed_forward(original, module, input_ids, position_ids, kwargs, layout, re
     no_padding = torch.ones((1, tokens), dtype=torch.bool, device=device) if release.mask_for_packed_row else None
     if inputs_embeds is not None:
         kwargs["inputs_embeds"] = pack(inputs_embeds, layout)
+    for name in [k for k in PER_TOKEN_KEYWORDS if kwargs.get(k) is not None]:
+        kwargs[name] = pack(kwargs[name], layout)
     row = plan_from_given_boundaries(boundaries["cu_seq_lens_q"], boundaries["max_length_q"], 1, tokens)
     forward = Forward(layout, packed=True, row=row)
     if release.as_kwargs:

@@ -302,3 +302,43 @@ def test_an_adopted_model_asked_for_autoattn_again_after_disable_and_enable_runs
     fresh = contextvars.Context()
     fresh.run(assert_same_step, fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
     fresh.run(assert_the_path_said_was_taken, True)
+
+
+def test_a_value_per_position_the_packed_row_does_not_lay_out_keeps_the_padding():
+    """Gemma 4's per-layer inputs, one per input position, as its vision-language model hands them to its language
+    model: the layers run per layer on the padded batch, and say why; the answer is eager's."""
+    if "gemma4_text" not in TYPES:
+        pytest.skip("this transformers has no gemma4_text")
+    fast, eager = pair("gemma4_text", vocab_size_per_layer_input=128, hidden_size_per_layer_input=16)
+    ids, mask, _ = batch("left")
+    fast.eval(), eager.eval()
+    fresh = contextvars.Context()
+    with torch.no_grad():
+        embeds, per_layer_inputs = fast.model.embed_tokens(ids), fast.model.get_per_layer_inputs(ids)
+        out = fresh.run(fast.model, inputs_embeds=embeds, attention_mask=mask, per_layer_inputs=per_layer_inputs)
+        reference = eager.model(inputs_embeds=embeds, attention_mask=mask, per_layer_inputs=per_layer_inputs)
+    decision = fresh.run(unpad_model.last_decision)
+    assert decision["path"] == unpad_model.PER_LAYER and "per_layer_inputs holds a value per input position" in \
+        decision["reason"], decision
+    real = mask.bool()
+    assert relative_error(out.last_hidden_state[real], reference.last_hidden_state[real]) < FLOAT32_RTOL
+
+
+def test_a_decoder_whose_forward_takes_its_arguments_in_another_order_runs_the_whole_model_called_positionally():
+    """GPT-2's decoder takes the cache before the mask; its causal LM passes input_ids positionally. Both reach the
+    whole-model wrapper by name, and a caller's positional arguments are bound as the forward names them."""
+    if "gpt2" not in TYPES:
+        pytest.skip("this transformers has no gpt2")
+    fast, eager = pair("gpt2")
+    ids, mask, _ = batch("right")
+    token_types = (torch.arange(ids.shape[1]) % 2).expand_as(ids)  # packed with the ids
+    fast.eval(), eager.eval()
+    fresh = contextvars.Context()
+    with torch.no_grad():
+        out = fresh.run(fast.transformer, ids, None, mask, token_types)  # (input_ids, cache, attention_mask, ...)
+        reference = eager.transformer(ids, None, mask, token_types)
+    assert fresh.run(unpad_model.last_decision)["path"] == unpad_model.WHOLE_MODEL
+    real = mask.bool()
+    assert relative_error(out.last_hidden_state[real], reference.last_hidden_state[real]) < FLOAT32_RTOL
+    with pytest.raises(TypeError, match="multiple values for argument 'attention_mask'"):
+        fast.transformer(ids, None, mask, attention_mask=mask)

@@ -12,6 +12,7 @@ is laid out, and how its loss is computed.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -33,28 +34,66 @@ def remove_padding(patch: Patch, model, lm, family, attention_name: str, **how) 
     """The three wrappers on a decoder class ``model`` and its causal LM ``lm`` (None where there is none)."""
     release = unpad_model.Release(cache_names=cache_names(model.forward), repad_cache=repad_cache,
                                   zero_padded_cache=zero_padded_cache, loss=causal_lm_loss, **how)
-    patch.set_attribute(model, "forward", unpad_model.wrap(model.forward, model, family, attention_name, release))
+    patch.set_attribute(model, "forward", _in_its_own_order(
+        model.forward, lambda forward: unpad_model.wrap(forward, model, family, attention_name, release)))
     if lm is None:
         return
     patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, family, attention_name, release))
     patch.set_attribute(lm, "generate", unpad_model.wrap_generate(lm.generate))
 
 
+# the decoder's arguments the whole-model wrapper reads, in the order it takes them (``unpad_model.wrap``)
+WRAPPER_ORDER = ["input_ids", "attention_mask", "position_ids"]
+
+
 def why_not_whole_model(model, lm) -> Optional[str]:
     """For a decoder autoflash adopted rather than was taught: None where its classes take the wrappers, else why
     they do not (its layers then run per layer). The decoder's forward must take ``input_ids, attention_mask,
-    position_ids`` first, as the wrapper hands them on, and keywords for its layers; the causal LM's, keywords for
-    its decoder (the packed row's record reaches the decoder through them)."""
+    position_ids`` (by name: in another order, GPT-2's, the wrapper takes them by name), and keywords for its
+    layers; the causal LM's, keywords for its decoder (the packed row's record reaches the decoder through them)."""
     if model is None or not callable(getattr(model, "forward", None)):
         return "no decoder class found in transformers' registry"
     parameters = list(inspect.signature(model.forward).parameters.values())
-    if [p.name for p in parameters[1:4]] != ["input_ids", "attention_mask", "position_ids"]:
-        return f"{model.__name__}.forward does not take input_ids, attention_mask, position_ids first"
+    named = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [name for name in WRAPPER_ORDER if name not in named]
+    if missing:
+        return f"{model.__name__}.forward takes no {', '.join(missing)}"
     if not any(p.kind is p.VAR_KEYWORD for p in parameters):
         return f"{model.__name__}.forward takes no keyword arguments on to its layers"
     if lm is not None and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(lm.forward).parameters.values()):
         return f"{lm.__name__}.forward takes no keyword arguments on to its decoder"
     return None
+
+
+def _in_its_own_order(forward, wrap):
+    """``wrap(forward)`` where ``forward`` takes ``input_ids, attention_mask, position_ids`` first; else a forward
+    that takes every argument by the name it has in ``forward`` (a caller's positional arguments included:
+    GPT-2's causal LM passes input_ids, then keywords) and hands the wrapper those three first."""
+    parameters = list(inspect.signature(forward).parameters.values())
+    if [p.name for p in parameters[1:4]] == WRAPPER_ORDER:
+        return wrap(forward)
+    # (positional names listed once, at wiring: a traced call zips them, it does not bind a signature)
+    positional = [p.name for p in parameters[1:] if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    def in_wrapper_order(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    wrapped = wrap(in_wrapper_order)
+
+    @functools.wraps(forward)
+    def by_name(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(f"{type(self).__name__}.forward takes {len(positional)} positional arguments but "
+                            f"{len(args)} were given")
+        for name, value in zip(positional, args):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__}.forward got multiple values for argument '{name}'")
+            kwargs[name] = value
+        return wrapped(self, **kwargs)
+
+    by_name.__wrapped__ = forward
+    by_name.autoflash_whole_model = True
+    return by_name
 
 
 def cache_names(decoder_forward) -> tuple:
