@@ -37,6 +37,7 @@ def apply(module) -> Patch:
     # (decoder class, causal LM class) -> why their padding is not removed for the whole stack (None: it is), once
     # wired: several model types may load as the same classes (sarvam_moe and param2moe as GLM-4-MoE's)
     whole = {}
+    heads = {}  # composite model type -> its causal LM class wired (None: not wired), once
 
     def wire(model, config):
         with lock:
@@ -45,11 +46,18 @@ def apply(module) -> Patch:
                 whole[classes] = _remove_padding(patch, classes, config.model_type)
         adoption.record_path(config.model_type, whole[classes])
 
+    def wire_head(model_type, config):
+        with lock:
+            if model_type not in heads:
+                heads[model_type] = _remove_padding_of_head(patch, model_type, config)
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         config = getattr(self, "config", None)
         # (a model type that loads as a family's classes, InternLM 3 or EXAONE as LLaMA's, is the family's patch's)
         ours = (not handover.is_passing_through() and config is not None and registration.registered()
                 and getattr(config, "model_type", None) not in FAMILIES and type(self).__module__ not in FAMILY_MODULES)
+        if ours and config.model_type in FAMILY_COMPOSITES:
+            wire_head(config.model_type, config)  # (its language model asks for itself, as a family's class)
         if ours and attn_implementation in REPLACED_REQUESTS and adoption.decide(type(self), config):
             wire(self, config)
             handover.remember_request(config, attn_implementation)  # for the calls autoflash hands back
@@ -83,6 +91,12 @@ def classes_of(model_type: str, modeling_module):
     if composite is not None:
         return named("MODEL_MAPPING_NAMES"), named("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", composite)
     return named("MODEL_MAPPING_NAMES"), named("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
+
+
+# Vision-language model types whose language model is a family's class (LLaVA's and InternVL's: LLaMA's, Qwen2's,
+# Mistral's), padding removed for it by the family's patch: their image-text-to-text class takes the packed row back,
+# so that their LM head and loss run on the real tokens too (Qwen2-VL's are wired with their text model)
+FAMILY_COMPOSITES = ("llava", "internvl")
 
 
 # Model types whose classes take the wrappers but whose answer on the packed row differs from eager's (further than
@@ -123,3 +137,22 @@ def _remove_padding(patch: Patch, classes, model_type: str):
         return why
     except Exception as exc:  # noqa: BLE001 - classes shaped otherwise than autoflash expects: per layer
         return f"its classes could not be wired ({type(exc).__name__}: {exc})"
+
+
+def _remove_padding_of_head(patch: Patch, model_type: str, config):
+    """Wire a FAMILY_COMPOSITES model's image-text-to-text class with the causal LM's wrappers, where its language
+    model is a family's; its class, else None. Never raises: it runs inside the model's constructor."""
+    try:
+        from transformers.models.auto import modeling_auto
+
+        family = FAMILIES.get(getattr(getattr(config, "text_config", None), "model_type", None))
+        name = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+        module = sys.modules.get(f"transformers.models.{model_type}.modeling_{model_type}")
+        lm = getattr(module, name, None) if isinstance(name, str) else None
+        if family is None or lm is None or whole_model.why_not_whole_model(lm, lm) is not None:
+            return None
+        # its forward computes what it hands its language model (image features merged) from the padded batch's mask
+        whole_model.remove_padding(patch, None, lm, family, ATTENTION_NAME, lm_reads_mask=True)
+        return lm
+    except Exception:  # noqa: BLE001 - classes shaped otherwise than autoflash expects: the head runs padded
+        return None

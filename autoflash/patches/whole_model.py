@@ -31,11 +31,13 @@ def remove_padding_for_whole_model(patch: Patch, module, family, attention_name:
 
 
 def remove_padding(patch: Patch, model, lm, family, attention_name: str, **how) -> None:
-    """The three wrappers on a decoder class ``model`` and its causal LM ``lm`` (None where there is none)."""
-    release = unpad_model.Release(cache_names=cache_names(model.forward), repad_cache=repad_cache,
+    """The three wrappers on a decoder class ``model`` and its causal LM ``lm`` (None where there is none).
+    ``model`` None: ``lm`` only, a vision-language model's whose language model is a family's, wrapped with it."""
+    release = unpad_model.Release(cache_names=cache_names((model or lm).forward), repad_cache=repad_cache,
                                   zero_padded_cache=zero_padded_cache, loss=causal_lm_loss, **how)
-    patch.set_attribute(model, "forward", _in_its_own_order(
-        model.forward, lambda forward: unpad_model.wrap(forward, model, family, attention_name, release)))
+    if model is not None:
+        patch.set_attribute(model, "forward", _in_its_own_order(
+            model.forward, lambda forward: unpad_model.wrap(forward, model, family, attention_name, release)))
     if lm is None:
         return
     patch.set_attribute(lm, "forward", packed_loss.wrap(lm.forward, lm, family, attention_name, release))

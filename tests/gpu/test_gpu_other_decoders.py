@@ -64,11 +64,11 @@ def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eag
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("padding", ["right", "left", "inside"])
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "llava", "internvl"])
 def test_a_vision_language_models_training_step_with_images_in_half_precision_matches_float32_eager(
         model_type, padding, dtype):
     """Its language model on the packed row (images among the real tokens, M-RoPE positions packed), served by a
-    flash kernel; its vision tower as transformers runs it."""
+    flash kernel, its LM head and loss on the real tokens; its vision tower as transformers runs it."""
     from _vision_language import batch, vision_language_pair
 
     fast, eager32 = vision_language_pair(model_type, hidden_size=256, heads=4, vocab_size=1000)
@@ -77,7 +77,7 @@ def test_a_vision_language_models_training_step_with_images_in_half_precision_ma
     fast = fast.to(dtype)
     for model in (fast, eager32, eager_half):
         model.train()
-    inputs = batch(padding, lengths=(300, 17, 128, 1), vocab_size=1000, device="cuda")
+    inputs = batch(padding, lengths=(300, 17, 128, 1), vocab_size=1000, device="cuda", model_type=model_type)
     # (float32 pixels: each vision tower casts them to its own dtype)
     inputs = {**inputs, "labels": labels_for(inputs["input_ids"], inputs["attention_mask"])}
     dispatch.last_decisions.clear()
