@@ -49,6 +49,8 @@ def vision_language_pair(model_type, hidden_size=64, heads=4, vocab_size=128):
     prefix = COMPOSITES[model_type]
     if not hasattr(transformers, f"{prefix}ForConditionalGeneration"):
         pytest.skip(f"this transformers has no {prefix}")
+    if model_type in M_ROPE and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("4.x: no decoder beyond the families is adopted (findings 88), Qwen2-VL's language model included")
     text = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                 num_attention_heads=heads, num_key_value_heads=heads // 2, vocab_size=vocab_size, pad_token_id=0,
                 bos_token_id=1, eos_token_id=2)
