@@ -314,7 +314,8 @@ def test_a_value_per_position_the_packed_row_does_not_lay_out_keeps_the_padding(
     fast.eval(), eager.eval()
     fresh = contextvars.Context()
     with torch.no_grad():
-        embeds, per_layer_inputs = fast.model.embed_tokens(ids), fast.model.get_per_layer_inputs(ids)
+        embeds = fast.model.embed_tokens(ids)
+        per_layer_inputs = fast.model.get_per_layer_inputs(ids, embeds)  # (5.17 needs the embeddings too)
         out = fresh.run(fast.model, inputs_embeds=embeds, attention_mask=mask, per_layer_inputs=per_layer_inputs)
         reference = eager.model(inputs_embeds=embeds, attention_mask=mask, per_layer_inputs=per_layer_inputs)
     decision = fresh.run(unpad_model.last_decision)
