@@ -31,7 +31,6 @@ import sys
 import threading
 from typing import Dict, Optional
 
-from autoflash.families import BY_NAME as FAMILIES
 from autoflash.settings import FAMILIES_VARIABLE, settings
 
 WHOLE_MODEL, PER_LAYER = "whole model", "per layer"

@@ -170,6 +170,16 @@ def gradient_penalty_under_math(model, ids, mask):
     return penalty.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.float()
 
 
+def half_precision_errors(logits, grads, eager32, eager_half, inputs, real) -> tuple:
+    """(logits' error, eager's own in the same dtype, the worst gradient's error, eager's own) of a half-precision
+    step's ``logits`` and ``grads`` against float32 eager, on the ``real`` positions: one step of each eager."""
+    reference, reference_grads = train_step(eager32, **inputs)
+    half, half_grads = train_step(eager_half, **inputs)
+    return (relative_error(logits[real].float(), reference[real]), relative_error(half[real].float(), reference[real]),
+            max(relative_error(grads[n].float(), reference_grads[n]) for n in reference_grads),
+            max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads))
+
+
 def assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, inputs) -> tuple:
     """One training step of ``fast`` (half precision) judged against float32 eager as every half-precision path is
     (``within_half_precision_floor``, its floor set by ``eager_half``, eager in the same dtype), on the real
@@ -180,13 +190,8 @@ def assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, in
     logits, grads = train_step(fast, **inputs)
     used = {kind: decision.backend for kind, decision in dispatch.last_decisions.items()}
     path = unpad_model.last_decision()
-    reference, reference_grads = train_step(eager32, **inputs)
-    half, half_grads = train_step(eager_half, **inputs)
-    real = mask.bool()
-    error = relative_error(logits[real].float(), reference[real])
-    floor = relative_error(half[real].float(), reference[real])
-    gradient_error = max(relative_error(grads[n].float(), reference_grads[n]) for n in reference_grads)
-    gradient_floor = max(relative_error(half_grads[n].float(), reference_grads[n]) for n in reference_grads)
+    error, floor, gradient_error, gradient_floor = half_precision_errors(logits, grads, eager32, eager_half, inputs,
+                                                                         mask.bool())
     print(f"{type(fast).__name__} {logits.dtype} {path and path['path']} {used}: logits {error:.2e} "
           f"(eager {floor:.2e}), gradients {gradient_error:.2e} (eager {gradient_floor:.2e})")
     assert within_half_precision_floor(error, floor), f"logits {error:.2e} vs eager's floor {floor:.2e}"

@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device here", allow_module_level=True)
 
-from autoflash import dispatch, handover, unpad_model
+from autoflash import dispatch, handover
 from _decoders import causal_lm, causal_lm_types, tiny_config
 from conftest import assert_half_precision_step_matches_eager, labels_for, modern_era, padding_mask
 

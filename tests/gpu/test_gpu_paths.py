@@ -24,8 +24,9 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device here", allow_module_level=True)
 
 from autoflash import backends, dispatch
-from conftest import (dynamic_cache, labels_for, last_path, legacy_era, model_pair, padding_mask, relative_error,
-                      static_cache_or_skip, train_step, whole_model_padding_removal, within_half_precision_floor)
+from conftest import (dynamic_cache, half_precision_errors, labels_for, last_path, legacy_era, model_pair,
+                      padding_mask, relative_error, static_cache_or_skip, train_step, whole_model_padding_removal,
+                      within_half_precision_floor)
 
 HALF = [torch.bfloat16, torch.float16]
 BACKENDS = ["auto", "torch", "sdpa"] + (["flash_attn"] if not backends.FLASH_ATTN.unavailable_reasons() else [])
@@ -66,13 +67,7 @@ def test_training_step_half_precision_matches_float32_eager(stack, backend, dtyp
     if len(set(lengths)) > 1:
         assert last_path() == stack
     used = dispatch.last_decisions.get("varlen") or dispatch.last_decisions.get("dense")
-    ref_logits, ref_grads = train_step(eager32, **inputs)
-    half_logits, half_grads = train_step(eager_half, **inputs)
-    real = mask.bool()
-    err = relative_error(logits[real].float(), ref_logits[real])
-    floor = relative_error(half_logits[real].float(), ref_logits[real])
-    gerr = max(relative_error(grads[n].float(), ref_grads[n]) for n in ref_grads)
-    gfloor = max(relative_error(half_grads[n].float(), ref_grads[n]) for n in ref_grads)
+    err, floor, gerr, gfloor = half_precision_errors(logits, grads, eager32, eager_half, inputs, mask.bool())
     RESULTS.append((f"train {stack} {shape} {side} {str(dtype)[6:]}", used.backend, err, floor, gerr, gfloor))
     assert torch.isfinite(logits).all()
     if backend != "auto":
