@@ -1,5 +1,6 @@
 """The table of every causal language model in the installed transformers' registry (and of the vision-language
-models' language models autoflash was taught) and what autoflash does with each: whole model, per layer (and why), or not served (and why). For ``autoflash models`` and the README's Models
+models' language models autoflash was taught) and what autoflash does with each: whole model, per layer (and
+why), or not served (and why). For ``autoflash models`` and the README's Models
 table (checked by ``tests/test_other_decoders.py``). Imports every modeling module: seconds, not for hot paths.
 """
 
