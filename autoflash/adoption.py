@@ -2,12 +2,13 @@
 
 A model transformers routes through its attention interface (``_supports_attention_backend``) is adopted
 when autoflash computes its attention exactly: a causal decoder whose every attention call is causal
-softmax attention over the keys its padding, packing and sliding window allow. What a config says beyond
-that keeps the model out (it then runs what transformers gives it, and ``autoflash doctor`` names the
-feature): soft-capped logits, attention sinks, chunked attention, query/key heads of another width than
-the value heads (multi-head latent attention), layers of another kind than full or sliding attention,
-cross-attention, an encoder's bidirectional attention, a composite model (its language model is built,
-and judged, as a model of its own).
+softmax attention over the keys its padding, packing and sliding window allow, its logits soft-capped where
+a kernel of this machine applies that (flash-attn 2 built with it, on an Ampere+ GPU). What a config says
+beyond that keeps the model out (it then runs what transformers gives it, and ``autoflash doctor`` names the
+feature): a softcap no kernel here applies, attention sinks, chunked attention, query/key heads of another
+width than the value heads (multi-head latent attention), layers of another kind than full or sliding
+attention, cross-attention, an encoder's bidirectional attention, a composite model (its language model is
+built, and judged, as a model of its own).
 
 A vision-language model's language model is a class of its own in some releases (Qwen2-VL's
 ``Qwen2VLTextModel``), named in no causal-LM registry: those autoflash was taught (``LANGUAGE_MODELS``: their
@@ -71,7 +72,9 @@ def why_not_adopted(model_class, config) -> Optional[str]:
     if getattr(config, "add_cross_attention", False):
         return "cross-attention"
     if getattr(config, "attn_logit_softcapping", None) is not None:
-        return "soft-capped attention logits (attn_logit_softcapping)"
+        unapplied = _softcap_unapplied(config)
+        if unapplied:
+            return f"soft-capped attention logits (attn_logit_softcapping), which no kernel here applies: {unapplied}"
     if getattr(config, "attention_chunk_size", None) is not None:
         return "chunked attention (attention_chunk_size)"
     widths = _head_widths(config)
@@ -135,6 +138,31 @@ def _head_widths(config):
     if value is None or query is None or value == query:
         return None
     return query, value
+
+
+def _softcap_unapplied(config) -> str:
+    """"" where a kernel of this machine applies the config's softcap to a half-precision call of its sizes (on its
+    GPU; a call that cannot have it, in float32 or on a CPU, goes to transformers' eager attention), else why not.
+    Transformers' own sdpa drops a softcap; only its eager attention applies one, and a model adopted with no
+    kernel for it would run eager, where transformers runs sdpa."""
+    import torch
+
+    from autoflash import dispatch
+    from autoflash.call import AttentionCall, capability_of
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    heads = config.num_attention_heads
+    call = AttentionCall(
+        kind="varlen", device_type=device.type, capability=capability_of(device),
+        dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, q_len=2, kv_len=2, dropout=0.0,
+        causal=True, needs_grad=False, softcap=float(config.attn_logit_softcapping))
+    choice = dispatch.describe_choice(call)
+    if choice["backend"] is not None:
+        return ""
+    return "; ".join(f"{r['backend']}: {', '.join(r['reasons'])}" for r in choice["refused"])
 
 
 @functools.lru_cache(maxsize=None)

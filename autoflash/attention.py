@@ -7,6 +7,7 @@ of the forward it belongs to, a ``Layout`` (where the real tokens are), an ``Att
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 
@@ -77,7 +78,7 @@ def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_
     with no graph break per layer in a compiled model. ``needs_grad`` and ``training``: the forward's, which
     hold for each of its layers. A layer whose call differs (a dtype or head count of its own) takes the
     general path. (None, "") where the config states no sizes for every layer: each call then decides.
-    ``window``: a binding sliding window, to ask which kernel would apply it (``windowed_row_kernel``)."""
+    ``window``: a binding sliding window, to ask which kernel would apply it (``row_kernel``)."""
     dtype = hidden_dtype
     if device.type == "cuda" and dtype == torch.float32:
         dtype = _cuda_autocast_dtype() or dtype  # what q_proj returns, as _to_kernel_dtype would cast
@@ -91,14 +92,23 @@ def decide_row(row: Layout, config, device, hidden_dtype, training: bool, needs_
     call = AttentionCall(
         kind="varlen", device_type=device.type, capability=capability_of(device), dtype=dtype, head_dim=head_dim,
         num_heads=heads, num_kv_heads=kv_heads, q_len=row.q_len, kv_len=row.q_len, dropout=dropout, causal=True,
-        needs_grad=needs_grad, window=window, deterministic=_deterministic(needs_grad, training))
+        needs_grad=needs_grad, window=window, deterministic=_deterministic(needs_grad, training),
+        softcap=softcap_of(config))
     return call, dispatch.pick(call, device)
 
 
-def windowed_row_kernel(config, device, hidden_dtype, training: bool, window: int, tokens: int) -> str:
-    """The backend that would serve a packed row of ``tokens`` whose sliding window binds ("" where the config
-    states no sizes for every layer): a whole-model forward takes the row only where a kernel applies the window
-    to it (SDPA would build a mask of the row's size)."""
+def softcap_of(source) -> Optional[float]:
+    """The logit softcap of a config (``attn_logit_softcapping``) or of a call's keywords (``softcap``, as
+    transformers hands it to attention), None where there is none."""
+    value = source.get("softcap") if isinstance(source, dict) else getattr(source, "attn_logit_softcapping", None)
+    return None if value in (None, 0, 0.0) else float(value)
+
+
+def row_kernel(config, device, hidden_dtype, training: bool, window: Optional[int], tokens: int) -> str:
+    """The backend that would serve a packed row of ``tokens`` with the config's softcap and a binding sliding
+    ``window`` (None: none binds); "" where no kernel applies the softcap, or the config states no sizes for
+    every layer. A whole-model forward takes the row only where a kernel applies both: SDPA would apply the
+    window by a mask of the row's size, and transformers' eager attention the softcap by one too."""
     row = Layout("varlen", 1, tokens, tokens)
     return decide_row(row, config, device, hidden_dtype, training, torch.is_grad_enabled(), window)[1]
 
@@ -126,7 +136,7 @@ def _same_call(forward: Forward, query, key, dropout, is_causal, module, kwargs)
     return (not kwargs.get("output_attentions") and query.dtype == call.dtype and query.shape[0] == 1
             and tuple(query.shape[1:]) == (call.num_heads, call.q_len, call.head_dim)
             and key.shape[1] == call.num_kv_heads and float(dropout) == call.dropout and bool(causal) == call.causal
-            and _binding_window(kwargs, forward.row, key) is None)
+            and _binding_window(kwargs, forward.row, key) is None and softcap_of(kwargs) == call.softcap)
     # (needs_grad and the deterministic backward's request are not compared: the forward's grad mode and
     # training flag, which decided them, hold for each of its layers)
 
@@ -176,7 +186,12 @@ def _attention_forward(module, query, key, value, attention_mask, dropout, scali
         batch, num_heads, q_len, head_dim = query.shape
         return query.new_zeros(batch, q_len, num_heads, head_dim, dtype=in_dtype), None
     call, name = _decided(layout, module, query, key, value, dropout, is_causal,
-                          _binding_window(kwargs, layout, key))
+                          _binding_window(kwargs, layout, key), softcap_of(kwargs))
+    if not name:  # a softcap that no kernel here applies
+        query, key, value = (x.to(in_dtype) for x in (query, key, value))
+        return _hand_over(module, query, key, value, attention_mask, dropout, scaling, is_causal, forward, kwargs,
+                          "attention logit softcapping, which no kernel here applies"
+                          + ("" if tracing.is_tracing() else " (" + dispatch.choose(call).why() + ")"))
     scale = scaling if scaling is not None else call.head_dim ** -0.5
     out = dispatch.backend(name).run(query, key, value, layout, call, scale)
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
@@ -199,7 +214,7 @@ def _causal(module, is_causal) -> bool:
     return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
 
-def _decided(layout, module, query, key, value, dropout, is_causal, window=None):
+def _decided(layout, module, query, key, value, dropout, is_causal, window=None, softcap=None):
     """This call's record and the backend that serves it.
 
     Every layer of a forward makes the same call: the first one's decision is kept on the
@@ -211,26 +226,26 @@ def _decided(layout, module, query, key, value, dropout, is_causal, window=None)
     needs_grad = _needs_grad(query, key, value)
     deterministic = _deterministic(needs_grad, getattr(module, "training", False))
     if tracing.is_tracing():
-        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic, softcap)
         return call, dispatch.pick(call, query.device)
     memo = ("decision", query.shape, key.shape, query.dtype, query.device, float(dropout), causal, needs_grad,
-            window, dispatch.routing(), deterministic)
+            window, dispatch.routing(), deterministic, softcap)
     decided = layout.derived.get(memo)
     if decided is None:
-        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic)
+        call = _call_record(layout, query, key, dropout, causal, needs_grad, window, deterministic, softcap)
         decided = layout.derived[memo] = (call, dispatch.pick(call, query.device))
     return decided
 
 
 def _call_record(layout, query, key, dropout, causal: bool, needs_grad: bool, window=None,
-                 deterministic: str = "") -> AttentionCall:
+                 deterministic: str = "", softcap: Optional[float] = None) -> AttentionCall:
     batch, num_heads, q_len, head_dim = query.shape
     return AttentionCall(
         kind=layout.kind, device_type=query.device.type, capability=capability_of(query.device),
         dtype=query.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=key.shape[1],
         q_len=q_len, kv_len=key.shape[2], dropout=float(dropout), causal=causal, needs_grad=needs_grad,
         left_padded_cache=layout.cache_leftpad is not None, cache_keys_contiguous=layout.keys_contiguous,
-        window=window, holes=layout.holes, deterministic=deterministic,
+        window=window, holes=layout.holes, deterministic=deterministic, softcap=softcap,
     )
 
 

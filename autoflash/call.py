@@ -34,6 +34,9 @@ class AttentionCall:
     # some sequence has padding between two of its real tokens (``Layout.holes``): a varlen kernel's window,
     # counted in real tokens, is not transformers' there
     holes: bool = False
+    # transformers' logit soft-capping (Gemma 2: scores become softcap * tanh(scores / softcap) before the
+    # softmax), None where the model has none: only a kernel that applies it may serve the call
+    softcap: Optional[float] = None
     # a call being traced by torch.compile or torch.export (dispatch decides it once, at trace time):
     # only kernels that trace may serve it
     traced: bool = False
@@ -51,6 +54,7 @@ class AttentionCall:
                 + (f" sm{self.capability[0]}{self.capability[1]}" if self.capability else "")
                 + (f" dropout={self.dropout}" if self.dropout else "")
                 + (f" sliding_window={self.window}" if self.window is not None else "")
+                + (f" softcap={self.softcap}" if self.softcap is not None else "")
                 + (" grad" if self.needs_grad else "")
                 + (f" deterministic ({self.deterministic})" if self.deterministic else "")
                 + (" traced" if self.traced else ""))

@@ -131,7 +131,8 @@ def backend(name: str):
 
 def pick(call: AttentionCall, device) -> str:
     """The name of the backend that serves ``call``: ``choose``, or for a call being traced by
-    torch.compile or torch.export, ``choose`` run once at trace time.
+    torch.compile or torch.export, ``choose`` run once at trace time. "" for a soft-capped call that no
+    kernel here applies the softcap to (SDPA has none): transformers' eager attention computes it.
 
     A compiled program keeps only the traced decision's result (the record's fields go through
     as constants; a traced call's record has no capability, which is read there).
@@ -186,6 +187,8 @@ def _choose(call: AttentionCall, names: Tuple[str, ...], is_forced: bool, exclud
         _log_fallback(call, decision)
         _warn_if_determinism_is_not_kept(call, decision)
         return decision
+    if call.softcap is not None and not is_forced:
+        return decision  # (no backend: the caller hands the call to transformers' eager attention, which applies it)
     if is_forced:
         raise BackendUnavailable(f"autoflash backend {names[0]!r} was forced (AUTOFLASH_BACKEND) but cannot serve "
                                  f"this call ({call.describe()}): {decision.why()}. Install what is missing, or "

@@ -10,7 +10,7 @@ hand-over computes what transformers alone would have, never an approximation.
 Two grains:
 
 - **one call** (``why_not_mine`` / ``run``): a keyword autoflash does not read, a key-length table
-  per layer type, a softcap or sinks, a 4-D mask, attention weights. The call goes to transformers'
+  per layer type, sinks, a softcap that no kernel here applies, a 4-D mask, attention weights. The call goes to transformers'
   ``sdpa`` (``eager`` where sdpa cannot compute it), with the dense mask of the keys the call may
   see (autoflash's mask function hands attention a 2-D mask at most);
 - **a whole model** (``give_back`` / ``take_back``): a transformers feature that decides by the
@@ -113,8 +113,7 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
     Asked by every layer of every forward, decode steps included: the usual call (only known keywords, a
     mask of at most two dimensions) is told apart by one pass over the keywords and three lookups."""
     if all(name in KNOWN_KEYWORDS for name in kwargs):
-        if kwargs.get("softcap") not in (None, 0, 0.0):
-            return "attention logit softcapping"
+        # (a softcap is the call record's: a kernel that applies it serves the call, else attention hands it over)
         if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
             return "key lengths given per layer type"
     else:
@@ -123,7 +122,7 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
             return "continuous batching's paged cache (" + ", ".join(paged) + ")"
         if isinstance(kwargs.get("cu_seq_lens_k"), dict) or isinstance(kwargs.get("max_length_k"), dict):
             return "key lengths given per layer type"
-        eager = _asks_more_than_softmax(kwargs)
+        eager = [name for name in _asks_more_than_softmax(kwargs) if name != "softcap"]
         if eager:
             return "attention " + " and ".join(_WHAT[name] for name in eager)
         unknown = sorted(name for name, value in kwargs.items()
@@ -139,7 +138,7 @@ def why_not_mine(kwargs: dict, attention_mask, module=None) -> Optional[str]:
     return None
 
 
-_WHAT = {"softcap": "logit softcapping", "s_aux": "sinks", "sinks": "sinks"}
+_WHAT = {"s_aux": "sinks", "sinks": "sinks"}
 
 
 def _asks_more_than_softmax(kwargs: dict) -> list:

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from autoflash import tracing
-from autoflash.attention import decide_row, windowed_row_kernel
+from autoflash.attention import decide_row, row_kernel, softcap_of
 from autoflash.backend_names import FLASH_KERNELS
 from autoflash.forward import KEYWORD as FORWARD_KEYWORD
 from autoflash.forward import Forward, published
@@ -146,13 +146,19 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
             return f"{name} is not laid out as the attention mask is (batch, length)"
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         return "output_attentions=True asks for per-layer weights in the padded layout"
-    window = family.window(decoder_config(module))
-    if window is not None and attention_mask.shape[1] > window:
+    config = decoder_config(module)
+    window = family.window(config)
+    window = window if window is not None and attention_mask.shape[1] > window else None
+    softcap = softcap_of(config)
+    if window is not None or softcap is not None:
         dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else \
             module.get_input_embeddings().weight.dtype
-        kernel = windowed_row_kernel(decoder_config(module), attention_mask.device, dtype, module.training, window,
-                                     attention_mask.numel())
-        if kernel not in FLASH_KERNELS:
+        kernel = row_kernel(config, attention_mask.device, dtype, module.training, window, attention_mask.numel())
+        if softcap is not None and not kernel:
+            # each layer's call goes to transformers' eager attention, with a mask of the padded batch's rows
+            return ("soft-capped attention logits (attn_logit_softcapping), which no kernel applies to this "
+                    "forward's packed row")
+        if window is not None and kernel not in FLASH_KERNELS:
             # SDPA would apply the window to the packed row by a mask of the row's size; per layer, each call's
             # mask stays the size of the padded batch's rows
             return (f"a sliding window of {window} applies to sequences this long, and only SDPA's mask would apply "

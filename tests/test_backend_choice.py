@@ -248,3 +248,36 @@ def test_a_call_the_record_refuses_never_asks_whether_the_package_is_installed(m
     monkeypatch.setattr(backends.FLASH_ATTN, "unavailable_reasons", must_not_ask)
     assert backends.FLASH_ATTN.reasons_not_supported(_call(device_type="cpu", capability=None)) == [
         "device=cpu (supported: cuda)"]
+
+
+def _flash_attn_installed(monkeypatch, softcap_refused: str):
+    """flash-attn 2 as if installed, with a softcap argument, its build applying one ("") or refusing it."""
+    monkeypatch.setattr(backends.FLASH_ATTN, "unavailable_reasons", lambda: [])
+    monkeypatch.setattr(backends.FLASH_ATTN, "_has_softcap", True)
+    monkeypatch.setattr(backends.FLASH_ATTN, "_softcap_refused", lambda head_dim: softcap_refused)
+    monkeypatch.setattr(backends.FLASH_ATTN_4, "unavailable_reasons", lambda: ["flash-attn-4 is not installed"])
+
+
+def test_a_soft_capped_call_goes_to_flash_attn_built_with_softcap(monkeypatch):
+    _flash_attn_installed(monkeypatch, softcap_refused="")
+    decision = dispatch.choose(_call(softcap=50.0))
+    assert decision.backend == "flash_attn"
+    assert any("softcap=50.0 (FlashAttention-4's is not yet verified" in r for r in _reasons(decision, "flash_attn_4"))
+
+
+def test_a_soft_capped_call_no_kernel_applies_names_no_backend_and_says_why_of_each(monkeypatch):
+    """A build without soft-capping (the GPU machine's wheel), torch's kernels and SDPA apply no softcap: dispatch
+    names no backend (attention then hands the call to transformers' eager attention), and never raises."""
+    _flash_attn_installed(monkeypatch, softcap_refused="This flash attention build does not support tanh softcapping.")
+    decision = dispatch.choose(_call(softcap=50.0))
+    assert decision.backend == ""
+    assert any("build refuses it (This flash attention build does not support tanh softcapping.)" in r
+               for r in _reasons(decision, "flash_attn"))
+    assert "softcap=50.0 (supported: none; transformers' eager attention applies it)" in _reasons(decision, "torch")
+    assert "softcap=50.0 (supported: none; transformers' eager attention applies it)" in _reasons(decision, "sdpa")
+    assert dispatch.choose(_call()).backend == "flash_attn"  # the same call without a softcap is served
+
+
+def test_forcing_a_backend_that_applies_no_softcap_on_a_soft_capped_call_is_a_clear_error():
+    with dispatch.forced("sdpa"), pytest.raises(dispatch.BackendUnavailable, match="softcap=30.0"):
+        dispatch.choose(_call(device_type="cpu", capability=None, dtype=torch.float32, softcap=30.0))

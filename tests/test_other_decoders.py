@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import autoflash
-from autoflash import families, handover, unpad_model
+from autoflash import dispatch, families, handover, unpad_model
 from _decoders import TOO_LARGE, causal_lm, causal_lm_types, parameters_on_meta, tiny_config
 from _subprocess import run_python
 from conftest import FLOAT32_RTOL, labels_for, modern_era, padding_mask, relative_error, worst_gradient_error
@@ -175,7 +175,11 @@ def test_a_packed_row_keeps_its_sequences_apart_or_answers_as_transformers(model
     as a right-padded batch run by eager (logits at the same tokens, the loss over the same targets, the
     gradients). Where the model's attention is not handed the position ids (Persimmon), autoflash cannot see
     the boundaries: it then answers as transformers does on the packed row, which mixes the sequences too."""
-    fast, eager = pair(model_type)
+    assert_a_packed_row_is_kept_apart_or_answered_as_transformers(*pair(model_type))
+
+
+def assert_a_packed_row_is_kept_apart_or_answered_as_transformers(fast, eager) -> bool:
+    """The check of the test above; True where the sequences were kept apart."""
     lengths = [5, 7, 3]
     mask = padding_mask(lengths, "right")
     padded = torch.randint(3, 100, mask.shape, generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, 0)
@@ -196,6 +200,7 @@ def test_a_packed_row_keeps_its_sequences_apart_or_answers_as_transformers(model
     assert abs(out.loss.item() - apart.loss.item()) < FLOAT32_RTOL * max(1.0, abs(apart.loss.item()))
     error, name = worst_gradient_error(grads, apart_grads, floor=1e-4)
     assert error < FLOAT32_RTOL, name
+    return not real.all()
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -243,6 +248,44 @@ def test_a_model_autoflash_cannot_serve_exactly_keeps_transformers_choice_and_sa
     assert why in autoflash.status()["other_models"][model_type]
     ids, mask, labels = batch("right")
     assert_same_step(fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+
+
+SOFT_CAPPED = [t for t in ("gemma2", "vaultgemma") if t in TYPES]
+
+
+@pytest.mark.parametrize("model_type", SOFT_CAPPED)
+def test_a_soft_capped_model_runs_the_whole_model_where_a_kernel_applies_the_softcap(model_type):
+    """Gemma 2 soft-caps its attention logits. Where a kernel applies the softcap (flash-attn 2 built with it; on
+    the CPU the reference kernel stands in), the model is adopted and its whole stack runs on the real tokens, the
+    kernel applying each layer's softcap: eager's training step on right- and left-padded batches, a packed row's
+    sequences kept apart, the same greedy tokens, and no call handed back."""
+    with dispatch.forced("reference"):
+        fast, eager = pair(model_type)
+        assert adopted(fast)
+        assert autoflash.status()["other_models"][model_type] == "adopted: whole model"
+        handed_before = calls_handed_over()
+        for padding in ("right", "left"):
+            ids, mask, labels = batch(padding)
+            fresh = contextvars.copy_context()  # (with the forced kernel; each step records its own path)
+            fresh.run(assert_same_step, fast, eager, mask.bool(), input_ids=ids, attention_mask=mask, labels=labels)
+            fresh.run(assert_the_path_said_was_taken, True)
+        assert assert_a_packed_row_is_kept_apart_or_answered_as_transformers(fast, eager)
+        ids, mask, _ = batch("left", seed=2)
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            assert torch.equal(fast.eval().generate(input_ids=ids, attention_mask=mask, **settings),
+                               eager.eval().generate(input_ids=ids, attention_mask=mask, **settings))
+        assert calls_handed_over() == handed_before
+
+
+@pytest.mark.parametrize("model_type", SOFT_CAPPED)
+def test_a_soft_capped_model_no_kernel_here_applies_keeps_transformers_choice_and_says_which_kernels_refused(
+        model_type):
+    fast, eager = pair(model_type)
+    assert not adopted(fast)
+    said = autoflash.status()["other_models"][model_type]
+    assert "soft-capped attention logits (attn_logit_softcapping), which no kernel here applies" in said, said
+    assert "sdpa: softcap=" in said and "flash_attn: " in said, said
 
 
 def test_a_composite_model_is_judged_by_its_language_model():

@@ -1,7 +1,7 @@
 """What a backend serves, as data, and the one function that says why a call is outside it.
 
 Each backend declares a ``Supports`` record (devices, compute capability, dtypes, head dims, and
-the features a call may ask for: dropout, a sliding window, a traced call, a deterministic
+the features a call may ask for: dropout, a sliding window, logit soft-capping, a traced call, a deterministic
 backward, a one-token decode step, gradients through a cache, a cached key mask with holes).
 ``Backend.reasons_not_supported`` checks a call against it, then asks the backend for what is
 truly its own (a release of its package that lacks an argument), then whether it is installed:
@@ -30,7 +30,8 @@ KIND_PHRASES = {"dense": "on a batch without padding", "varlen": "on a padded or
 
 @dataclass(frozen=True)
 class Supports:
-    """What one backend serves. The defaults serve everything (SDPA's record is ``Supports()``)."""
+    """What one backend serves. The defaults serve everything but soft-capped logits (SDPA's record is
+    ``Supports()``)."""
 
     devices: Optional[Tuple[str, ...]] = None  # None: every device
     min_capability: Optional[Tuple[int, int]] = None  # CUDA compute capability, where it has a floor
@@ -43,6 +44,7 @@ class Supports:
     head_dims_by_major: Optional[Dict[int, Tuple[int, ...]]] = None
     dropout_kinds: Tuple[str, ...] = EVERY_KIND  # the layout kinds on which it applies dropout
     window: bool = True  # a binding sliding window
+    softcap: bool = False  # logit soft-capping (SDPA has none: such a call goes to transformers' eager attention)
     traced: bool = True  # a call being traced by torch.compile or torch.export
     traced_padding: bool = True  # a traced padded or packed batch (layout kind "masked": padding as a mask)
     deterministic: bool = True  # a deterministic backward, when asked for
@@ -85,6 +87,9 @@ def reasons(supports: Supports, call: AttentionCall) -> List[str]:
     if call.window is not None and not supports.window:
         found.append(f"sliding_window={call.window} (" + why.get(
             "window", "supported: none yet; served exactly by sdpa's mask") + ")")
+    if call.softcap is not None and not supports.softcap:
+        found.append(f"softcap={call.softcap} (" + why.get(
+            "softcap", "supported: none; transformers' eager attention applies it") + ")")
     if call.kind == "cache":
         found += _cache_reasons(supports, call)
     return found

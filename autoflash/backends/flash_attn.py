@@ -12,6 +12,10 @@ functions' signatures rather than from version strings:
   2.4.1 on; a call that asks for it (``AttentionCall.deterministic``) is refused without it.
 - ``window_size=`` (a sliding window, as transformers' ``sliding_window``) from 2.3 on; a call with a binding
   window is refused without it.
+- ``softcap=`` (Gemma 2's logit soft-capping) from 2.6 on, and only in a build compiled with it: a wheel built
+  with ``FLASHATTENTION_DISABLE_SOFTCAP`` (smaller and faster to compile; the one on autoflash's GPU machine) has
+  the argument and raises when it is not 0. So the first soft-capped call on a device tries the kernel once on
+  a few numbers (``_softcap_refused``); a build without it leaves such calls to transformers' eager attention.
 
 torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
 ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
@@ -43,13 +47,16 @@ def _register_kvcache_op(with_kvcache):
 
     @custom_op("autoflash::flash_attn_with_kvcache", mutates_args=(), device_types="cuda")
     def kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                cache_leftpad: Optional[torch.Tensor], softmax_scale: float, causal: bool) -> torch.Tensor:
+                cache_leftpad: Optional[torch.Tensor], softmax_scale: float, causal: bool,
+                softcap: float) -> torch.Tensor:
         extra = {"cache_leftpad": cache_leftpad} if cache_leftpad is not None else {}
+        if softcap:  # (0: none; releases before 2.6 have no such argument)
+            extra["softcap"] = softcap
         return with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, softmax_scale=softmax_scale,
                             causal=causal, **extra)
 
     @kvcache.register_fake
-    def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal):
+    def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal, softcap):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     return kvcache
@@ -60,6 +67,7 @@ class _FlashAttn(PackageBackend):
     # a sliding window: flash-attn's window_size, on the calls without a cache (own_reasons)
     supports = dataclasses.replace(
         FLASH, dropout_kinds=("dense", "varlen", "masked"), cache_with_grad=False, cache_key_holes="none", window=True,
+        softcap=True,
         why={**FLASH.why, "cache_with_grad": "flash_attn_with_kvcache has no backward",
              "cache_key_holes": "supported: left padding only; checked only where it costs no extra host sync: "
                                 "prefill, not decode steps"})
@@ -109,9 +117,34 @@ class _FlashAttn(PackageBackend):
         fns, _ = self._module()
         return fns is not None and "window_size" in inspect.signature(fns[1]).parameters
 
+    @functools.cached_property
+    def _has_softcap(self) -> bool:
+        fns, _ = self._module()
+        return fns is not None and "softcap" in inspect.signature(fns[1]).parameters
+
+    @functools.lru_cache(maxsize=None)
+    def _softcap_refused(self, head_dim: int) -> str:
+        """"" where this build applies a softcap at ``head_dim``, else its error: one small call on the current GPU
+        (a build without soft-capping raises at the first one; a build is the same on every GPU of a machine)."""
+        dense = self.entry_points()[0]
+        q = torch.ones(1, 2, 1, head_dim, dtype=torch.float16, device="cuda")
+        try:
+            dense(q, q, q, softcap=1.0, causal=True)
+        except RuntimeError as exc:
+            return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ""
+
     def own_reasons(self, call: AttentionCall) -> List[str]:
-        """What the installed release lacks, read from its functions' signatures."""
+        """What the installed release lacks, read from its functions' signatures (and, for a softcap, from one
+        call of its kernel)."""
         reasons = []
+        if call.softcap is not None and not self._has_softcap:
+            reasons.append(f"softcap={call.softcap} with flash-attn {self.version()} (needs >= 2.6 for softcap)")
+        elif call.softcap is not None:
+            refused = self._softcap_refused(call.head_dim)
+            if refused:  # ("This flash attention build does not support tanh softcapping.")
+                reasons.append(f"softcap={call.softcap}: this flash-attn {self.version()} build refuses it "
+                               f"({refused}); transformers' eager attention applies it")
         if call.deterministic and not self._has_deterministic:
             reasons.append(f"deterministic backward asked for ({call.deterministic}), which flash-attn "
                            f"{self.version()} lacks (needs >= 2.4.1)")
@@ -136,6 +169,8 @@ class _FlashAttn(PackageBackend):
         # transformers' window: a query at i sees the keys at i - window + 1 .. i, window_size's left reach
         if call.window is not None:
             extra["window_size"] = (call.window - 1, 0)
+        if call.softcap is not None:
+            extra["softcap"] = call.softcap
         if layout.kind == "dense":
             return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=call.dropout,
                          softmax_scale=scale, causal=call.causal, **extra)
@@ -148,10 +183,12 @@ class _FlashAttn(PackageBackend):
         # (batch, len, kv_heads, dim) layout the kernel reads, with no copy.
         if tracing.is_tracing() and self.traced_kvcache is not None:  # (torch < 2.4: a graph break here)
             return self.traced_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout.cache_seqlens,
-                                       layout.cache_leftpad, scale, call.causal)
-        leftpad = {"cache_leftpad": layout.cache_leftpad} if layout.cache_leftpad is not None else {}
+                                       layout.cache_leftpad, scale, call.causal, call.softcap or 0.0)
+        if layout.cache_leftpad is not None:
+            extra["cache_leftpad"] = layout.cache_leftpad
+        extra.pop("deterministic", None)  # (no backward here: decoding)
         return with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                            cache_seqlens=layout.cache_seqlens, softmax_scale=scale, causal=call.causal, **leftpad)
+                            cache_seqlens=layout.cache_seqlens, softmax_scale=scale, causal=call.causal, **extra)
 
 
 FLASH_ATTN = _FlashAttn()

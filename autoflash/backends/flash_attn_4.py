@@ -101,7 +101,10 @@ class _FlashAttn4(PackageBackend):
                        "traces",
              # it has a deterministic backward, but autoflash has not yet measured it on a GPU
              "deterministic": "FlashAttention-4's is not yet verified by autoflash",
-             "decode_step": "no kv-cache kernel: 50 us a step against flash-attn 2's 29 us"})
+             "decode_step": "no kv-cache kernel: 50 us a step against flash-attn 2's 29 us",
+             # it takes a softcap, but autoflash has not yet compared it with a reference on a GPU
+             "softcap": "FlashAttention-4's is not yet verified by autoflash; flash-attn 2 or transformers' eager "
+                        "attention applies it"})
     functions = None  # (flash_attn_func, flash_attn_varlen_func) once imported
 
     def __init__(self):
