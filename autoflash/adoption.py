@@ -151,7 +151,8 @@ def _softcap_unapplied(config) -> str:
     from autoflash.call import AttentionCall, capability_of
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    fields = vars(config)  # (5.x spells it dtype, and warns on a read of torch_dtype; 4.x spells it torch_dtype)
+    dtype = fields.get("dtype", fields.get("torch_dtype"))
     heads = config.num_attention_heads
     call = AttentionCall(
         kind="varlen", device_type=device.type, capability=capability_of(device),

@@ -251,6 +251,8 @@ def test_a_model_autoflash_cannot_serve_exactly_keeps_transformers_choice_and_sa
 
 
 SOFT_CAPPED = [t for t in ("gemma2", "vaultgemma") if t in TYPES]
+# the tiny models' attention scores stay far below Gemma 2's softcap of 50, where tanh changes nothing
+SOFTCAP_THAT_BINDS = 0.05
 
 
 @pytest.mark.parametrize("model_type", SOFT_CAPPED)
@@ -260,7 +262,7 @@ def test_a_soft_capped_model_runs_the_whole_model_where_a_kernel_applies_the_sof
     kernel applying each layer's softcap: eager's training step on right- and left-padded batches, a packed row's
     sequences kept apart, the same greedy tokens, and no call handed back."""
     with dispatch.forced("reference"):
-        fast, eager = pair(model_type)
+        fast, eager = pair(model_type, attn_logit_softcapping=SOFTCAP_THAT_BINDS)
         assert adopted(fast)
         assert autoflash.status()["other_models"][model_type] == "adopted: whole model"
         handed_before = calls_handed_over()
