@@ -37,7 +37,10 @@ WINDOW = 1024  # longer than the sequences below, and than their packed row (who
 def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eager(model_type, side, lengths, dtype):
     if model_type not in causal_lm_types():
         pytest.skip(f"this transformers has no {model_type}")
-    config = tiny_config(model_type, **GPU_SIZES)
+    assert_an_adopted_half_precision_step_matches_eager(tiny_config(model_type, **GPU_SIZES), side, lengths, dtype)
+
+
+def assert_an_adopted_half_precision_step_matches_eager(config, side, lengths, dtype):
     if hasattr(config, "sliding_window"):
         config.sliding_window = WINDOW
     torch.manual_seed(0)
@@ -60,6 +63,43 @@ def test_an_adopted_decoders_training_step_in_half_precision_matches_float32_eag
     assert {entry["call"]: entry["count"] for entry in handover.handed_over()} == handed, "handed back"
     assert used and any(backend != "sdpa" for backend in used.values()), used  # a flash kernel served it
     assert last["path"] == "whole-model" and last["lm_head_and_loss"]["on"] == "real tokens", last
+    return used
+
+
+def _flash_attn_applies_a_softcap() -> bool:
+    """Asked of flash-attn itself: a build compiled without soft-capping raises at the first call with one."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        pytest.skip("flash-attn is not installed: no kernel here applies a softcap")
+    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    try:
+        flash_attn_func(q, q, q, softcap=1.0, causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 1]), ("left", [64, 255, 3, 200])])
+def test_a_soft_capped_decoder_is_served_exactly_where_flash_attn_applies_the_softcap_else_left_alone(
+        side, lengths, dtype):
+    """Gemma 2 with a softcap that binds: with a flash-attn build that applies it, adopted, the whole model on the
+    real tokens, every call on flash-attn, eager's step; with one built without it (the GPU machine's wheel), not
+    adopted, the build's refusal said, and transformers' own attention runs it."""
+    if "gemma2" not in causal_lm_types():
+        pytest.skip("this transformers has no gemma2")
+    config = tiny_config("gemma2", **GPU_SIZES, attn_logit_softcapping=0.05)
+    if _flash_attn_applies_a_softcap():
+        used = assert_an_adopted_half_precision_step_matches_eager(config, side, lengths, dtype)
+        assert set(used.values()) == {"flash_attn"}, used
+        return
+    import autoflash
+
+    model = causal_lm(copy.deepcopy(config)).cuda()
+    assert model.config._attn_implementation != "autoattn"
+    said = autoflash.status()["other_models"]["gemma2"]
+    assert "flash_attn: softcap=0.05: this flash-attn" in said and "build refuses it" in said, said
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
