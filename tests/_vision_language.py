@@ -25,7 +25,9 @@ def _config(model_type, config_class, text):
     if model_type in M_ROPE:
         half = text["hidden_size"] // text["num_attention_heads"] // 2  # M-RoPE's shares of the rotary pairs
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+        # (Qwen2-VL's vision hidden_size is its merger's output, the text's width; Qwen2.5-VL's its own width)
+        width = text["hidden_size"] if model_type == "qwen2_vl" else 64
+        vision = dict(depth=1, embed_dim=32, hidden_size=width, num_heads=2, out_hidden_size=text["hidden_size"],
                       intermediate_size=64, patch_size=PATCH, fullatt_block_indexes=[0])
         return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
                             vision_start_token_id=VISION_START)

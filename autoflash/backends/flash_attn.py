@@ -14,8 +14,9 @@ functions' signatures rather than from version strings:
   window is refused without it.
 - ``softcap=`` (Gemma 2's logit soft-capping) from 2.6 on, and only in a build compiled with it: a wheel built
   with ``FLASHATTENTION_DISABLE_SOFTCAP`` (smaller and faster to compile; the one on autoflash's GPU machine) has
-  the argument and raises when it is not 0. So the first soft-capped call on a device tries the kernel once on
-  a few numbers (``_softcap_refused``); a build without it leaves such calls to transformers' eager attention.
+  the argument, and ignores it (measured: docs/findings.md). So the first soft-capped call tries the kernel once
+  on a few numbers against a float32 reference, forward and backward (``_softcap_refused``); a build that does
+  not apply it leaves such calls to transformers' eager attention.
 
 torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
 ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
@@ -62,6 +63,20 @@ def _register_kvcache_op(with_kvcache):
     return kvcache
 
 
+# The probe's softcap binds (scores of random unit inputs are ~1); fp16's error against float32 is ~1e-3, a softcap
+# ignored costs ~0.3
+SOFTCAP_PROBE, SOFTCAP_PROBE_TOLERANCE = 0.5, 2e-2
+
+
+def _softcapped_reference(q, k, v, softcap: float):
+    """Causal soft-capped attention of (batch, len, heads, dim) tensors, as Gemma 2's eager attention computes it."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 / softcap) * softcap
+    causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return torch.matmul(weights, v).transpose(1, 2)
+
+
 class _FlashAttn(PackageBackend):
     name = "flash_attn"
     # a sliding window: flash-attn's window_size, on the calls without a cache (own_reasons)
@@ -73,6 +88,9 @@ class _FlashAttn(PackageBackend):
                                 "prefill, not decode steps"})
     functions = None  # (flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache) once imported
     traced_kvcache = None
+
+    def __init__(self):
+        self._softcap_probed = {}  # head dim -> "" where the build applies a softcap, else why not
 
     @functools.lru_cache(maxsize=1)
     def _module(self):
@@ -122,16 +140,35 @@ class _FlashAttn(PackageBackend):
         fns, _ = self._module()
         return fns is not None and "softcap" in inspect.signature(fns[1]).parameters
 
-    @functools.lru_cache(maxsize=None)
     def _softcap_refused(self, head_dim: int) -> str:
-        """"" where this build applies a softcap at ``head_dim``, else its error: one small call on the current GPU
-        (a build without soft-capping raises at the first one; a build is the same on every GPU of a machine)."""
+        if head_dim not in self._softcap_probed:
+            # (asked from inference and autocast blocks too: the probe needs gradients and its own dtypes)
+            with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+                self._softcap_probed[head_dim] = self._probe_softcap(head_dim)
+        return self._softcap_probed[head_dim]
+
+    def _probe_softcap(self, head_dim: int) -> str:
+        """"" where this build applies a softcap at ``head_dim``, else why not: one small forward and backward on the
+        current GPU against a float32 reference (a build is the same on every GPU of a machine). A build compiled
+        without soft-capping may raise at the first such call, or ignore the argument (measured: findings)."""
         dense = self.entry_points()[0]
-        q = torch.ones(1, 2, 1, head_dim, dtype=torch.float16, device="cuda")
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 32, 2, head_dim, device="cuda", generator=generator, dtype=torch.float16)
+                   .requires_grad_() for _ in range(3))
         try:
-            dense(q, q, q, softcap=1.0, causal=True)
+            out = dense(q, k, v, softcap=SOFTCAP_PROBE, causal=True)
         except RuntimeError as exc:
             return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        grad = torch.randn(out.shape, device="cuda", generator=generator, dtype=out.dtype)
+        mine = (out, *torch.autograd.grad(out, (q, k, v), grad))
+        q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+        expected = _softcapped_reference(q32, k32, v32, SOFTCAP_PROBE)
+        theirs = (expected, *torch.autograd.grad(expected, (q32, k32, v32), grad.float()))
+        errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(mine, theirs)]
+        if max(errors) > SOFTCAP_PROBE_TOLERANCE:
+            what = ("output", "query gradient", "key gradient", "value gradient")[errors.index(max(errors))]
+            return (f"its soft-capped {what} is {max(errors):.2g} from a float32 reference (a build compiled without "
+                    "soft-capping ignores the argument)")
         return ""
 
     def own_reasons(self, call: AttentionCall) -> List[str]:
@@ -140,9 +177,12 @@ class _FlashAttn(PackageBackend):
         reasons = []
         if call.softcap is not None and not self._has_softcap:
             reasons.append(f"softcap={call.softcap} with flash-attn {self.version()} (needs >= 2.6 for softcap)")
+        elif call.softcap is not None and call.traced and call.head_dim not in self._softcap_probed:
+            reasons.append(f"softcap={call.softcap} in a traced call before any untraced one (whether this build "
+                           "applies a softcap is measured by an untraced call)")
         elif call.softcap is not None:
             refused = self._softcap_refused(call.head_dim)
-            if refused:  # ("This flash attention build does not support tanh softcapping.")
+            if refused:
                 reasons.append(f"softcap={call.softcap}: this flash-attn {self.version()} build refuses it "
                                f"({refused}); transformers' eager attention applies it")
         if call.deterministic and not self._has_deterministic:

@@ -67,17 +67,18 @@ def assert_an_adopted_half_precision_step_matches_eager(config, side, lengths, d
 
 
 def _flash_attn_applies_a_softcap() -> bool:
-    """Asked of flash-attn itself: a build compiled without soft-capping raises at the first call with one."""
+    """Asked of flash-attn itself: a build compiled without soft-capping ignores the argument (or raises)."""
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         pytest.skip("flash-attn is not installed: no kernel here applies a softcap")
-    q = torch.randn(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")
+    q, k, v = torch.randn(3, 1, 64, 2, 64, dtype=torch.bfloat16, device="cuda")
     try:
-        flash_attn_func(q, q, q, softcap=1.0, causal=True)
+        capped = flash_attn_func(q, k, v, softcap=0.1, causal=True)
     except RuntimeError:
         return False
-    return True
+    # a softcap of 0.1 flattens attention towards the causal mean of the values; uncapped, it is not
+    return not torch.allclose(capped, flash_attn_func(q, k, v, causal=True), atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
