@@ -44,6 +44,10 @@ SOURCE_FEATURES = (
     ("its code reads the attention mask as a 4-D tensor", re.compile(r"attention_mask\[[^\]\n]*,[^\]\n]*,[^\]\n]*,")),
 )
 
+SOFTCAP_UNAPPLIED = "soft-capped attention logits (attn_logit_softcapping), which no kernel of this machine applies"
+# where a softcap is applied: said where the machine's own refusals are not (the README's table)
+SOFTCAP_APPLIED_BY = "flash-attn 2 built with soft-capping applies them, on an Ampere+ GPU: adopted there"
+
 # language model type -> the composite (vision-language) model type it is built inside
 LANGUAGE_MODELS = {"qwen2_vl_text": "qwen2_vl", "qwen2_5_vl_text": "qwen2_5_vl"}
 
@@ -74,7 +78,7 @@ def why_not_adopted(model_class, config) -> Optional[str]:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         unapplied = _softcap_unapplied(config)
         if unapplied:
-            return f"soft-capped attention logits (attn_logit_softcapping), which no kernel here applies: {unapplied}"
+            return f"{SOFTCAP_UNAPPLIED}: {unapplied}"
     if getattr(config, "attention_chunk_size", None) is not None:
         return "chunked attention (attention_chunk_size)"
     widths = _head_widths(config)

@@ -38,6 +38,8 @@ def registry_table() -> list:
                          f"not served: left out by {FAMILIES_VARIABLE}"))
             continue
         why = adoption.judged(model_class, config)
+        if why is not None and why.startswith(adoption.SOFTCAP_UNAPPLIED):  # (not this machine's kernels: any's)
+            why = f"{adoption.SOFTCAP_UNAPPLIED} ({adoption.SOFTCAP_APPLIED_BY})"
         if why is not None:
             rows.append((model_type, f"not served: {why}"))
             continue

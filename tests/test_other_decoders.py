@@ -286,7 +286,7 @@ def test_a_soft_capped_model_no_kernel_here_applies_keeps_transformers_choice_an
     fast, eager = pair(model_type)
     assert not adopted(fast)
     said = autoflash.status()["other_models"][model_type]
-    assert "soft-capped attention logits (attn_logit_softcapping), which no kernel here applies" in said, said
+    assert "soft-capped attention logits (attn_logit_softcapping), which no kernel of this machine applies" in said, said
     assert "sdpa: softcap=" in said and "flash_attn: " in said, said
 
 
