@@ -10,9 +10,9 @@ hand-over computes what transformers alone would have, never an approximation.
 Two grains:
 
 - **one call** (``why_not_mine`` / ``run``): a keyword autoflash does not read, a key-length table
-  per layer type, sinks, a softcap that no kernel here applies, a 4-D mask, attention weights. The call goes to transformers'
-  ``sdpa`` (``eager`` where sdpa cannot compute it), with the dense mask of the keys the call may
-  see (autoflash's mask function hands attention a 2-D mask at most);
+  per layer type, sinks, a softcap that no kernel here applies, a 4-D mask, attention weights. The call
+  goes to transformers' ``sdpa`` (``eager`` where sdpa cannot compute it), with the dense mask of the keys
+  the call may see (autoflash's mask function hands attention a 2-D mask at most);
 - **a whole model** (``give_back`` / ``take_back``): a transformers feature that decides by the
   model's attention name before any call is made (continuous batching accepts only its own names;
   the Trainer's context parallelism only ``sdpa``). The model is set to the name transformers would
