@@ -293,7 +293,6 @@ def test_a_soft_capped_model_no_kernel_here_applies_keeps_transformers_choice_an
 def test_a_composite_model_is_judged_by_its_language_model():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-
     assert adoption.why_not_adopted(LlavaForConditionalGeneration, LlavaConfig()).startswith("a composite model")
 
 
