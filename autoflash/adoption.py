@@ -147,8 +147,8 @@ def _head_widths(config):
 def _softcap_unapplied(config) -> str:
     """"" where a kernel of this machine applies the config's softcap to a half-precision call of its sizes (on its
     GPU; a call that cannot have it, in float32 or on a CPU, goes to transformers' eager attention), else why not.
-    Transformers' own sdpa drops a softcap; only its eager attention applies one, and a model adopted with no
-    kernel for it would run eager, where transformers runs sdpa."""
+    transformers runs such a model on eager attention (its sdpa has no softcap): adopted with no kernel for the
+    softcap, it would run the same eager attention call by call, and gain nothing."""
     import torch
 
     from autoflash import dispatch
