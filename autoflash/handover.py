@@ -91,13 +91,14 @@ def request_of(config) -> Optional[str]:
     return entry[1]
 
 
-def transformers_choice(config) -> str:
+def transformers_choice(config, model=None) -> str:
     """The attention name transformers alone would have given a model of ``config``: ``flash_attention_2``
-    where it was asked for and flash-attn is installed, ``sdpa`` otherwise (transformers' default; a request
-    for flash_attention_2 without flash-attn fails to load without autoflash)."""
+    where it was asked for and flash-attn is installed, else ``sdpa`` (transformers' default; a request
+    for flash_attention_2 without flash-attn fails to load without autoflash), or ``eager`` for a ``model``
+    whose class refuses sdpa (Gemma 2: its sdpa has no softcap)."""
     if request_of(config) == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if getattr(type(model), "_supports_sdpa", True) else "eager"
 
 
 # ---------------------------------------------------------------- one call
@@ -281,7 +282,7 @@ def give_back(model, why: str) -> Optional[str]:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
         return None
-    to = transformers_choice(config)
+    to = transformers_choice(config, model)
     with passing_through():
         model.set_attn_implementation(to)
     record(why, f"transformers' {to} for the whole model", config)
