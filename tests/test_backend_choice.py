@@ -281,3 +281,34 @@ def test_a_soft_capped_call_no_kernel_applies_names_no_backend_and_says_why_of_e
 def test_forcing_a_backend_that_applies_no_softcap_on_a_soft_capped_call_is_a_clear_error():
     with dispatch.forced("sdpa"), pytest.raises(dispatch.BackendUnavailable, match="softcap=30.0"):
         dispatch.choose(_call(device_type="cpu", capability=None, dtype=torch.float32, softcap=30.0))
+
+
+def _fake_flash_attn_func(applies_softcap: bool, raises: bool = False):
+    """flash_attn_func as a build compiled with soft-capping computes it, or as one without: ignoring the argument,
+    or raising at it."""
+    from autoflash.backends.reference import varlen_reference
+
+    def flash_attn_func(q, k, v, softcap=0.0, causal=False, **_):
+        if raises and softcap:
+            raise RuntimeError("This flash attention build does not support tanh softcapping.")
+        bounds = torch.tensor([0, q.shape[1]], dtype=torch.int32)
+        out = varlen_reference(q[0].float(), k[0].float(), v[0].float(), bounds, bounds, q.shape[-1] ** -0.5, causal,
+                               softcap=softcap if applies_softcap and softcap else None)
+        return out[None].to(q.dtype)
+
+    return flash_attn_func
+
+
+@pytest.mark.parametrize("applies, raises, refused", [
+    (True, False, ""),
+    (False, False, "its soft-capped "),
+    (False, True, "This flash attention build does not support tanh softcapping."),
+], ids=["built-with-softcap", "ignores-it", "raises"])
+def test_whether_a_flash_attn_build_applies_a_softcap_is_measured_against_the_reference(monkeypatch, applies, raises,
+                                                                                         refused):
+    """A wheel built without soft-capping takes the argument: it may raise, or (the GPU machine's) ignore it. One
+    forward and backward against the float32 reference tells, whatever the build does."""
+    dense = _fake_flash_attn_func(applies, raises)
+    monkeypatch.setattr(backends.FLASH_ATTN, "entry_points", lambda: (dense, None, None))
+    said = backends.FLASH_ATTN._probe_softcap(64, device="cpu")
+    assert said.startswith(refused) if refused else said == "", said

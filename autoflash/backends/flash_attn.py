@@ -35,6 +35,7 @@ import torch
 
 from autoflash import tracing
 from autoflash.backends.capability import FLASH, PackageBackend
+from autoflash.backends.reference import varlen_reference
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad
 
@@ -66,15 +67,6 @@ def _register_kvcache_op(with_kvcache):
 # The probe's softcap binds (scores of random unit inputs are ~1); fp16's error against float32 is ~1e-3, a softcap
 # ignored costs ~0.3
 SOFTCAP_PROBE, SOFTCAP_PROBE_TOLERANCE = 0.5, 2e-2
-
-
-def _softcapped_reference(q, k, v, softcap: float):
-    """Causal soft-capped attention of (batch, len, heads, dim) tensors, as Gemma 2's eager attention computes it."""
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 / softcap) * softcap
-    causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-    weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    return torch.matmul(weights, v).transpose(1, 2)
 
 
 class _FlashAttn(PackageBackend):
@@ -147,22 +139,24 @@ class _FlashAttn(PackageBackend):
                 self._softcap_probed[head_dim] = self._probe_softcap(head_dim)
         return self._softcap_probed[head_dim]
 
-    def _probe_softcap(self, head_dim: int) -> str:
+    def _probe_softcap(self, head_dim: int, device: str = "cuda") -> str:
         """"" where this build applies a softcap at ``head_dim``, else why not: one small forward and backward on the
         current GPU against a float32 reference (a build is the same on every GPU of a machine). A build compiled
         without soft-capping may raise at the first such call, or ignore the argument (measured: findings)."""
         dense = self.entry_points()[0]
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(1, 32, 2, head_dim, device="cuda", generator=generator, dtype=torch.float16)
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 32, 2, head_dim, device=device, generator=generator, dtype=torch.float16)
                    .requires_grad_() for _ in range(3))
         try:
             out = dense(q, k, v, softcap=SOFTCAP_PROBE, causal=True)
         except RuntimeError as exc:
             return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        grad = torch.randn(out.shape, device="cuda", generator=generator, dtype=out.dtype)
+        grad = torch.randn(out.shape, device=device, generator=generator, dtype=out.dtype)
         mine = (out, *torch.autograd.grad(out, (q, k, v), grad))
         q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-        expected = _softcapped_reference(q32, k32, v32, SOFTCAP_PROBE)
+        bounds = torch.tensor([0, q.shape[1]], dtype=torch.int32)
+        expected = varlen_reference(q32[0], k32[0], v32[0], bounds, bounds, head_dim ** -0.5, True,
+                                    softcap=SOFTCAP_PROBE)[None]
         theirs = (expected, *torch.autograd.grad(expected, (q32, k32, v32), grad.float()))
         errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(mine, theirs)]
         if max(errors) > SOFTCAP_PROBE_TOLERANCE:
