@@ -55,6 +55,8 @@ FAMILY_MODELS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2C
                  "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
                  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
                  "gemma3-window1024": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                 # soft-capped attention logits: adopted only where a kernel applies the softcap
+                 "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
                  # a vision-language model on text: its language model at the shared sizes (M-RoPE), a one-block
                  # vision tower that text-only batches never run
                  "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration")}
@@ -74,6 +76,8 @@ FAMILY_EXTRA = {"mistral": lambda s: {"sliding_window": None},  # LLaMA's attent
                 "gemma3": lambda s: {"head_dim": s["hidden"] // s["heads"],
                                      "query_pre_attn_scalar": s["hidden"] // s["heads"]},
                 # Gemma 3 checkpoints' window: it binds on most W1 sequences (flash-attn's window_size applies it)
+                # head dim 64: the GPU machine's softcap test build of flash-attn has no other
+                "gemma2": lambda s: {"head_dim": 64, "query_pre_attn_scalar": 64},
                 "gemma3-window1024": lambda s: {"head_dim": s["hidden"] // s["heads"],
                                                 "query_pre_attn_scalar": s["hidden"] // s["heads"],
                                                 "sliding_window": 1024}}
@@ -110,8 +114,11 @@ def lengths_for(s, seed=0):
 
 # -- competitors -----------------------------------------------------------------------------------
 
-def available(competitor: str) -> str | None:
-    """None if the competitor can run here, else why not."""
+def available(competitor: str, model=None) -> str | None:
+    """None if the competitor can run here (on ``model``, where given), else why not."""
+    if model is not None and PADDING_FREE.get(competitor, competitor) == "sdpa" \
+            and not getattr(type(model), "_supports_sdpa", True):
+        return f"transformers refuses sdpa for {type(model).__name__}"
     if competitor in ("flash_attention_4", PADDING_FREE_FA4):
         try:
             from transformers.utils.import_utils import is_flash_attn_4_available
@@ -175,7 +182,9 @@ def competing_as(model, competitor: str):
 def backend_used():
     from autoflash import dispatch
 
-    return ",".join(sorted({f"{k}:{d.backend}" for k, d in dispatch.last_decisions.items()})) or "-"
+    # (no backend: a soft-capped call no kernel here applies, handed to transformers' eager attention)
+    return ",".join(sorted({f"{k}:{d.backend or 'handed-to-eager'}" for k, d in dispatch.last_decisions.items()})) \
+        or "-"
 
 
 # -- the clock and the memory ----------------------------------------------------------------------

@@ -95,7 +95,7 @@ def run_training(s, packed: bool, family: str = "llama", profile: bool = False):
 
     rows = []
     for competitor in TRAINING_COMPETITORS if not packed else COMPETITORS:
-        why = available(competitor)
+        why = available(competitor, model)
         if why:
             rows.append(dict(competitor=competitor, skipped=why))
             continue
