@@ -280,16 +280,18 @@ def test_a_soft_capped_model_runs_the_whole_model_where_a_kernel_applies_the_sof
         assert calls_handed_over() == handed_before
 
 
-def test_a_soft_capped_model_handed_back_whole_gets_transformers_default_for_it_eager():
+def test_a_soft_capped_model_handed_back_whole_gets_transformers_default_for_it():
     """A feature that decides by the attention name (continuous batching) gets the name transformers would have
-    given the model: for Gemma 2, whose class refuses sdpa (no softcap there), eager."""
+    given the model: for Gemma 2 from 5.2x, whose class refuses sdpa (which raises on a softcap there), eager;
+    before, sdpa (which dropped the softcap: transformers' own default then)."""
     if "gemma2" not in TYPES:
         pytest.skip("this transformers has no gemma2")
     with dispatch.forced("reference"):
         fast, _ = pair("gemma2", attn_logit_softcapping=SOFTCAP_THAT_BINDS)
     assert adopted(fast)
-    assert handover.give_back(fast, "a feature that decides by the attention name") == "eager"
-    assert fast.config._attn_implementation == "eager"
+    default = "sdpa" if type(fast)._supports_sdpa else "eager"
+    assert handover.give_back(fast, "a feature that decides by the attention name") == default
+    assert fast.config._attn_implementation == default
     handover.take_back(fast)
     assert adopted(fast)
 
