@@ -312,3 +312,12 @@ def test_whether_a_flash_attn_build_applies_a_softcap_is_measured_against_the_re
     monkeypatch.setattr(backends.FLASH_ATTN, "entry_points", lambda: (dense, None, None))
     said = backends.FLASH_ATTN._probe_softcap(64, device="cpu")
     assert said.startswith(refused) if refused else said == "", said
+
+
+def test_a_softcap_check_that_fails_refuses_the_softcap_and_never_raises(monkeypatch):
+    def broken(head_dim):
+        raise OSError("the driver went away")
+
+    monkeypatch.setattr(backends.FLASH_ATTN, "_probe_softcap", broken)
+    monkeypatch.setattr(backends.FLASH_ATTN, "_softcap_probed", {})
+    assert backends.FLASH_ATTN._softcap_refused(64) == "the check of its softcap failed (OSError: the driver went away)"

@@ -14,9 +14,9 @@ functions' signatures rather than from version strings:
   window is refused without it.
 - ``softcap=`` (Gemma 2's logit soft-capping) from 2.6 on, and only in a build compiled with it: a wheel built
   with ``FLASHATTENTION_DISABLE_SOFTCAP`` (smaller and faster to compile; the one on autoflash's GPU machine) has
-  the argument, and ignores it (measured: docs/findings.md). So the first soft-capped call tries the kernel once
-  on a few numbers against a float32 reference, forward and backward (``_softcap_refused``); a build that does
-  not apply it leaves such calls to transformers' eager attention.
+  the argument, and answers wrongly (measured: docs/findings.md, 94). So the first soft-capped call tries the
+  kernel once on a few numbers against a float32 reference, forward and backward (``_softcap_refused``); a build
+  that does not apply it leaves such calls to transformers' eager attention.
 
 torch.compile traces ``flash_attn_func`` and ``flash_attn_varlen_func`` through the custom
 ops flash-attn registers for them (2.7 on); ``flash_attn_with_kvcache`` calls its extension
@@ -135,14 +135,17 @@ class _FlashAttn(PackageBackend):
     def _softcap_refused(self, head_dim: int) -> str:
         if head_dim not in self._softcap_probed:
             # (asked from inference and autocast blocks too: the probe needs gradients and its own dtypes)
-            with torch.enable_grad(), torch.autocast("cuda", enabled=False):
-                self._softcap_probed[head_dim] = self._probe_softcap(head_dim)
+            try:
+                with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+                    self._softcap_probed[head_dim] = self._probe_softcap(head_dim)
+            except Exception as exc:  # noqa: BLE001 - whatever stops the check, the softcap is not served
+                self._softcap_probed[head_dim] = f"the check of its softcap failed ({type(exc).__name__}: {exc})"
         return self._softcap_probed[head_dim]
 
     def _probe_softcap(self, head_dim: int, device: str = "cuda") -> str:
         """"" where this build applies a softcap at ``head_dim``, else why not: one small forward and backward on the
         current GPU against a float32 reference (a build is the same on every GPU of a machine). A build compiled
-        without soft-capping may raise at the first such call, or ignore the argument (measured: findings)."""
+        without soft-capping may raise at the first such call, or answer wrongly (measured: findings 94)."""
         dense = self.entry_points()[0]
         generator = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(1, 32, 2, head_dim, device=device, generator=generator, dtype=torch.float16)
@@ -162,7 +165,7 @@ class _FlashAttn(PackageBackend):
         if max(errors) > SOFTCAP_PROBE_TOLERANCE:
             what = ("output", "query gradient", "key gradient", "value gradient")[errors.index(max(errors))]
             return (f"its soft-capped {what} is {max(errors):.2g} from a float32 reference (a build compiled without "
-                    "soft-capping ignores the argument)")
+                    "soft-capping answers wrongly)")
         return ""
 
     def own_reasons(self, call: AttentionCall) -> List[str]:
