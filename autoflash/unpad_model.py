@@ -162,7 +162,7 @@ def why_keep_padding(module, model_class, family, attention_mask, kwargs, attent
             # SDPA would apply the window to the packed row by a mask of the row's size; per layer, each call's
             # mask stays the size of the padded batch's rows
             return (f"a sliding window of {window} applies to sequences this long, and only SDPA's mask would apply "
-                    "it to the packed row (flash-attn and torch's varlen kernel apply windows)")
+                    "it to the packed row (flash-attn applies windows)")
     return None
 
 
