@@ -10,8 +10,6 @@
   key-padding mask is needed) on queries folded per KV head, so K/V are never repeated.
 - a prefill of several tokens into a cache: the valid keys of each row are gathered and
   run through the varlen kernel, whose causal mask is aligned bottom-right.
-- a binding sliding window: ``varlen_attn``'s ``window_size`` on padded or packed batches (the whole-model
-  row among them), where its public function takes one; elsewhere SDPA's mask applies it.
 
 A deterministic backward needs nothing from here: torch's flash backward is deterministic by
 itself under ``torch.use_deterministic_algorithms(True)`` (as SDPA's is); flash-attn's own switch,
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 
 from autoflash import tracing
 from autoflash.backends._common import decode_key_mask, fold_gqa_queries, repeat_kv, unfold_gqa_output
-from autoflash.backends.capability import FLASH, KIND_PHRASES, Backend
+from autoflash.backends.capability import FLASH, Backend
 from autoflash.call import AttentionCall
 from autoflash.layout import Layout, pad, unpad, unpad_cache_keys
 
@@ -90,10 +88,8 @@ def only_kernels(*kernels: str):
 
 class _TorchBuiltin(Backend):
     name = "torch"
-    # a sliding window: varlen_attn's window_size, on padded or packed batches (own_reasons)
     supports = dataclasses.replace(FLASH, dropout_kinds=("dense", "cache", "masked"), cache_with_grad=False,
-                                   cache_key_holes="decode", window=True,
-                                   why={**FLASH.why, "dropout": "varlen_attn has no dropout"})
+                                   cache_key_holes="decode", why={**FLASH.why, "dropout": "varlen_attn has no dropout"})
 
     @functools.cached_property
     def _varlen(self):
@@ -117,19 +113,7 @@ class _TorchBuiltin(Backend):
         return []
 
     def own_reasons(self, call: AttentionCall) -> List[str]:
-        """What the installed torch lacks: its varlen kernel (2.9 on), which padded batches and prefills need; and
-        where a binding window is not varlen_attn's to apply."""
-        if call.window is not None:
-            if self._varlen is None or self._varlen[1] == "op":
-                return [f"sliding_window={call.window} with torch=={torch.__version__} (varlen_attn has no "
-                        "window_size; served exactly by sdpa's mask)"]
-            if call.kind != "varlen" or not call.causal:
-                return [f"sliding_window={call.window} {KIND_PHRASES[call.kind]} (supported: on a padded or packed "
-                        "batch, by varlen_attn's window_size; served exactly by sdpa's mask)"]
-            if call.holes:
-                # transformers counts the window in key slots; varlen kernels count it in real tokens
-                return [f"sliding_window={call.window} over a sequence with padding inside it (supported: padding "
-                        "before or after each sequence; served exactly by sdpa's mask)"]
+        """What the installed torch lacks: its varlen kernel (2.9 on), which padded batches and prefills need."""
         if self._varlen is not None:
             return []
         if call.kind == "varlen":
@@ -169,8 +153,7 @@ class _TorchBuiltin(Backend):
         if gqa == "op":
             out = fn(q, k, v, cu_q, cu_k, max_q, max_k, call.causal, scale)
             return out[0] if isinstance(out, (tuple, list)) else out
-        # transformers' window: a query at i sees the keys at i - window + 1 .. i, window_size's left reach
-        window = (-1 if call.window is None else call.window - 1, 0) if call.causal else (-1, -1)
+        window = (-1, 0) if call.causal else (-1, -1)
         if gqa == "enable_gqa":
             return fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window,
                       enable_gqa=call.gqa_ratio > 1)

@@ -1,7 +1,7 @@
-"""Sliding windows on the GPU: flash-attn's ``window_size`` applies transformers' window (and torch's own
-``varlen_attn``'s, where flash-attn is not installed), on the whole-model packed row and per layer, in bf16 and
-fp16 against float32 eager (judged as every half-precision path is: test_gpu_paths.py), for a family (Mistral: a
-window on every layer) and an adopted decoder (Gemma 3's text model: sliding and global layers). A kv-cache call and a sequence with padding inside it keep SDPA's mask.
+"""Sliding windows on the GPU: flash-attn's ``window_size`` applies transformers' window, on the whole-model
+packed row and per layer, in bf16 and fp16 against float32 eager (judged as every half-precision path is:
+test_gpu_paths.py), for a family (Mistral: a window on every layer) and an adopted decoder (Gemma 3's text
+model: sliding and global layers). A kv-cache call and a sequence with padding inside it keep SDPA's mask.
 
     python -m pytest -q tests/gpu/test_gpu_windows.py
 """
@@ -22,9 +22,8 @@ from conftest import (assert_half_precision_step_matches_eager, labels_for, mode
 
 if not modern_era():
     pytest.skip("the attention-interface era", allow_module_level=True)
-
-# the kernel that applies the window: flash-attn's, or torch's own with flash-attn left out
-KERNELS = {"flash_attn": ("flash_attn_4",), "torch": ("flash_attn_4", "flash_attn")}
+if FLASH_ATTN.unavailable_reasons():
+    pytest.skip(f"flash-attn: {FLASH_ATTN.unavailable_reasons()}", allow_module_level=True)
 
 GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                  vocab_size=1000, num_hidden_layers=2)
@@ -48,19 +47,10 @@ def models(model_type, dtype):
     return fast.to(dtype), eager32, eager_half
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("side,lengths", [("right", [300, 17, 128, 97]), ("left", [64, 255, 3, 200])])
 @pytest.mark.parametrize("model_type", list(SUBJECTS))
-def test_a_binding_window_is_applied_by_a_flash_kernel_on_the_whole_model_and_per_layer(model_type, side, lengths,
-                                                                                        dtype, kernel):
-    if kernel == "flash_attn" and FLASH_ATTN.unavailable_reasons():
-        pytest.skip(f"flash-attn: {FLASH_ATTN.unavailable_reasons()}")
-    with dispatch.excluded(*KERNELS[kernel]):
-        assert_a_binding_window_is_applied_on_the_whole_model_and_per_layer(model_type, side, lengths, dtype, kernel)
-
-
-def assert_a_binding_window_is_applied_on_the_whole_model_and_per_layer(model_type, side, lengths, dtype, kernel):
+def test_a_binding_window_is_applied_by_flash_attn_on_the_whole_model_and_per_layer(model_type, side, lengths, dtype):
     fast, eager32, eager_half = models(model_type, dtype)
     for model in (fast, eager32, eager_half):
         model.train()
@@ -71,13 +61,13 @@ def assert_a_binding_window_is_applied_on_the_whole_model_and_per_layer(model_ty
     dispatch.last_decisions.clear()
     used, path = assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, {**inputs, "use_cache": False})
     assert path["path"] == "whole-model", path
-    assert used["varlen"] == kernel, used
+    assert used["varlen"] == "flash_attn", used
     # the cache a forward returns by default would be cut by the window on the packed row: per layer, the
     # padded batch's calls, the window applied by flash-attn too
     dispatch.last_decisions.clear()
     used, path = assert_half_precision_step_matches_eager(fast, eager32, eager_half, mask, inputs)
     assert path["path"] == "per-layer" and "use_cache=False" in path["reason"], path
-    assert used["varlen"] == kernel, used
+    assert used["varlen"] == "flash_attn", used
 
 
 @pytest.mark.parametrize("model_type", list(SUBJECTS))
